@@ -1,0 +1,1 @@
+//! The agent: drives mirroring cycles from a source to a partner receiver.

@@ -1,0 +1,471 @@
+//! Signed tokens: ed25519 over a small JSON claim set.
+//!
+//! Every agent request carries a fresh token in `Authorization: CtMirror
+//! <token>`, so the receiver validates each call on its own; there are no
+//! sessions. A token is `base64url(claims) "." base64url(signature)`, and the
+//! signature covers a role-specific prefix plus the encoded claims, so an
+//! agent token can never pass as a receiver token or the other way round.
+//!
+//! The claims already bind method, path and a SHA-256 of the body, so a token
+//! captured in transit cannot carry another body. Replay caches and answer
+//! signatures beyond Authenticate are the security issue's to add; they slot
+//! into [`Verifier::verify`].
+
+use crate::ids::{AppId, TenantId};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+/// Who signed a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Agent,
+    Receiver,
+}
+
+impl Role {
+    fn context(self) -> &'static [u8] {
+        match self {
+            Role::Agent => b"ctmirror-agent-token-v1.",
+            Role::Receiver => b"ctmirror-receiver-token-v1.",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Claims {
+    pub role: Role,
+    pub tenant: TenantId,
+    pub app: AppId,
+    /// Seconds since the Unix epoch, UTC.
+    pub ts: i64,
+    /// 16 random bytes, base64url.
+    pub nonce: String,
+    pub method: String,
+    pub path: String,
+    /// Hex SHA-256 of the request body.
+    pub body_sha256: String,
+}
+
+/// Why a token was refused. Messages name the failed check and never include
+/// key material.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("missing Authorization header with scheme CtMirror")]
+    Missing,
+    #[error("malformed token: {0}")]
+    Malformed(&'static str),
+    #[error("signature does not verify with the configured key")]
+    BadSignature,
+    #[error("token was signed by the {0:?} role where the other role was expected")]
+    WrongRole(Role),
+    #[error("token timestamp is {0} seconds away from this server's clock, outside the allowed window")]
+    OutsideWindow(i64),
+    #[error("token is for tenant {token}, but the request is for tenant {request}")]
+    WrongTenant { token: String, request: String },
+    #[error("token is for application {0}, which this receiver does not serve")]
+    WrongApp(String),
+    #[error("token was signed for {token}, not for {request}")]
+    WrongRequest { token: String, request: String },
+    #[error("token does not match the request body")]
+    BodyMismatch,
+    #[error("answer is for nonce {0}, not for the nonce the agent sent")]
+    WrongNonce(String),
+}
+
+pub fn body_digest(body: &[u8]) -> String {
+    hex::encode(Sha256::digest(body))
+}
+
+pub fn new_nonce() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("operating system random source");
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+pub fn now_unix() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// A private signing key. Never printed: `Debug` shows only the public half.
+pub struct Keypair {
+    key: SigningKey,
+}
+
+impl std::fmt::Debug for Keypair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Keypair(public {})", self.public_base64())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read key file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("key in {origin} is not valid: {reason}")]
+    Invalid { origin: String, reason: &'static str },
+    #[error("environment variable {0} is not set")]
+    MissingEnv(String),
+    #[error("cannot write key file {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+}
+
+/// Key files hold one line of standard base64: the 32-byte secret seed for a
+/// private key, the 32-byte point for a public key. A location of the form
+/// `env:NAME` reads the same text from an environment variable instead.
+fn read_key_text(location: &str) -> Result<(String, String), KeyError> {
+    if let Some(var) = location.strip_prefix("env:") {
+        let text = std::env::var(var).map_err(|_| KeyError::MissingEnv(var.to_owned()))?;
+        Ok((text, format!("environment variable {var}")))
+    } else {
+        let text = std::fs::read_to_string(location)
+            .map_err(|source| KeyError::Read { path: location.to_owned(), source })?;
+        Ok((text, format!("file {location}")))
+    }
+}
+
+fn decode_32(text: &str, origin: &str) -> Result<[u8; 32], KeyError> {
+    let bytes = STANDARD.decode(text.trim()).map_err(|_| KeyError::Invalid {
+        origin: origin.to_owned(),
+        reason: "not base64",
+    })?;
+    bytes.try_into().map_err(|_| KeyError::Invalid {
+        origin: origin.to_owned(),
+        reason: "expected exactly 32 bytes",
+    })
+}
+
+impl Keypair {
+    pub fn generate() -> Self {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).expect("operating system random source");
+        Self { key: SigningKey::from_bytes(&seed) }
+    }
+
+    pub fn load(location: &str) -> Result<Self, KeyError> {
+        let (text, origin) = read_key_text(location)?;
+        Ok(Self { key: SigningKey::from_bytes(&decode_32(&text, &origin)?) })
+    }
+
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.key.verifying_key())
+    }
+
+    pub fn public_base64(&self) -> String {
+        STANDARD.encode(self.key.verifying_key().to_bytes())
+    }
+
+    /// Writes `<stem>.key` (mode 0600) and `<stem>.pub`; refuses to overwrite.
+    pub fn write_files(&self, stem: &Path) -> Result<(String, String), KeyError> {
+        use std::io::Write;
+        let private = stem.with_extension("key");
+        let public = stem.with_extension("pub");
+        let write = |path: &Path, text: String, mode: u32| -> Result<(), KeyError> {
+            let err = |source| KeyError::Write { path: path.display().to_string(), source };
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
+            let mut f = opts.open(path).map_err(err)?;
+            f.write_all(text.as_bytes()).map_err(err)
+        };
+        write(&private, format!("{}\n", STANDARD.encode(self.key.to_bytes())), 0o600)?;
+        write(&public, format!("{}\n", self.public_base64()), 0o644)?;
+        Ok((private.display().to_string(), public.display().to_string()))
+    }
+
+    pub fn sign(&self, claims: &Claims) -> String {
+        let encoded = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).expect("claims serialize"));
+        let mut message = claims.role.context().to_vec();
+        message.extend_from_slice(encoded.as_bytes());
+        let sig = self.key.sign(&message);
+        format!("{encoded}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PublicKey(VerifyingKey);
+
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PublicKey({})", STANDARD.encode(self.0.to_bytes()))
+    }
+}
+
+impl PublicKey {
+    pub fn load(location: &str) -> Result<Self, KeyError> {
+        let (text, origin) = read_key_text(location)?;
+        let bytes = decode_32(&text, &origin)?;
+        VerifyingKey::from_bytes(&bytes)
+            .map(PublicKey)
+            .map_err(|_| KeyError::Invalid { origin, reason: "not a valid ed25519 public key" })
+    }
+}
+
+/// Longest token accepted before any decoding; real ones are ~500 bytes.
+const MAX_TOKEN_LEN: usize = 4096;
+
+/// Splits and checks the signature of a token without judging its claims.
+pub fn decode_verified(token: &str, role: Role, key: &PublicKey) -> Result<Claims, AuthError> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(AuthError::Malformed("token is too long"));
+    }
+    let (encoded, sig) = token.split_once('.').ok_or(AuthError::Malformed("expected claims.signature"))?;
+    let sig_bytes = URL_SAFE_NO_PAD
+        .decode(sig)
+        .map_err(|_| AuthError::Malformed("signature is not base64url"))?;
+    let sig_bytes: [u8; 64] =
+        sig_bytes.try_into().map_err(|_| AuthError::Malformed("signature is not 64 bytes"))?;
+    let mut message = role.context().to_vec();
+    message.extend_from_slice(encoded.as_bytes());
+    key.0
+        .verify_strict(&message, &Signature::from_bytes(&sig_bytes))
+        .map_err(|_| AuthError::BadSignature)?;
+    let json = URL_SAFE_NO_PAD
+        .decode(encoded)
+        .map_err(|_| AuthError::Malformed("claims are not base64url"))?;
+    let claims: Claims =
+        serde_json::from_slice(&json).map_err(|_| AuthError::Malformed("claims are not the expected JSON"))?;
+    if claims.role != role {
+        return Err(AuthError::WrongRole(claims.role));
+    }
+    Ok(claims)
+}
+
+/// What a request looked like, for checking the token it carried.
+pub struct RequestFacts<'a> {
+    pub tenant: &'a TenantId,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub body: &'a [u8],
+}
+
+/// Receiver-side token checks.
+pub struct Verifier {
+    pub agent_key: PublicKey,
+    pub app: AppId,
+    pub max_skew_secs: i64,
+}
+
+impl Verifier {
+    /// Checks an `Authorization` header value against the request it came with.
+    pub fn verify(&self, header: Option<&str>, req: &RequestFacts<'_>, now: i64) -> Result<Claims, AuthError> {
+        let header = header.ok_or(AuthError::Missing)?;
+        let token = header
+            .strip_prefix(crate::protocol::AUTH_SCHEME)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .ok_or(AuthError::Missing)?;
+        let claims = decode_verified(token.trim(), Role::Agent, &self.agent_key)?;
+        let skew = claims.ts.saturating_sub(now);
+        if skew.abs() > self.max_skew_secs {
+            return Err(AuthError::OutsideWindow(skew));
+        }
+        if &claims.tenant != req.tenant {
+            return Err(AuthError::WrongTenant {
+                token: claims.tenant.to_string(),
+                request: req.tenant.to_string(),
+            });
+        }
+        if claims.app != self.app {
+            return Err(AuthError::WrongApp(claims.app.to_string()));
+        }
+        if claims.method != req.method || claims.path != req.path {
+            return Err(AuthError::WrongRequest {
+                token: format!("{} {}", claims.method, claims.path),
+                request: format!("{} {}", req.method, req.path),
+            });
+        }
+        if claims.body_sha256 != body_digest(req.body) {
+            return Err(AuthError::BodyMismatch);
+        }
+        Ok(claims)
+    }
+}
+
+/// Agent side: signs each request for one tenant and application.
+pub struct RequestSigner {
+    pub key: Keypair,
+    pub tenant: TenantId,
+    pub app: AppId,
+}
+
+impl RequestSigner {
+    /// The claims and the full `Authorization` header value for one request.
+    pub fn authorize(&self, method: &str, path: &str, body: &[u8]) -> (Claims, String) {
+        let claims = Claims {
+            role: Role::Agent,
+            tenant: self.tenant.clone(),
+            app: self.app.clone(),
+            ts: now_unix(),
+            nonce: new_nonce(),
+            method: method.to_owned(),
+            path: path.to_owned(),
+            body_sha256: body_digest(body),
+        };
+        let header = format!("{} {}", crate::protocol::AUTH_SCHEME, self.key.sign(&claims));
+        (claims, header)
+    }
+}
+
+/// The receiver's answer to Authenticate: its own token over the agent's
+/// nonce, which the agent checks with the partner's registered key.
+pub fn receiver_answer(key: &Keypair, request: &Claims) -> String {
+    let claims = Claims {
+        role: Role::Receiver,
+        ts: now_unix(),
+        body_sha256: body_digest(b""),
+        ..request.clone()
+    };
+    key.sign(&claims)
+}
+
+pub fn check_receiver_answer(
+    token: &str,
+    partner_key: &PublicKey,
+    sent: &Claims,
+    max_skew_secs: i64,
+    now: i64,
+) -> Result<(), AuthError> {
+    let claims = decode_verified(token, Role::Receiver, partner_key)?;
+    if claims.nonce != sent.nonce {
+        return Err(AuthError::WrongNonce(claims.nonce));
+    }
+    if claims.tenant != sent.tenant {
+        return Err(AuthError::WrongTenant { token: claims.tenant.to_string(), request: sent.tenant.to_string() });
+    }
+    if claims.app != sent.app {
+        return Err(AuthError::WrongApp(claims.app.to_string()));
+    }
+    let skew = claims.ts.saturating_sub(now);
+    if skew.abs() > max_skew_secs {
+        return Err(AuthError::OutsideWindow(skew));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (Keypair, Verifier, TenantId) {
+        let agent = Keypair::generate();
+        let v = Verifier { agent_key: agent.public(), app: AppId::new("crm").unwrap(), max_skew_secs: 300 };
+        (agent, v, TenantId::new("acme").unwrap())
+    }
+
+    fn header(key: &Keypair, claims: &Claims) -> String {
+        format!("CtMirror {}", key.sign(claims))
+    }
+
+    fn claims(t: &TenantId, body: &[u8]) -> Claims {
+        Claims {
+            role: Role::Agent,
+            tenant: t.clone(),
+            app: AppId::new("crm").unwrap(),
+            ts: now_unix(),
+            nonce: new_nonce(),
+            method: "POST".into(),
+            path: "/v1/tenants/acme/rows".into(),
+            body_sha256: body_digest(body),
+        }
+    }
+
+    fn facts<'a>(t: &'a TenantId, body: &'a [u8]) -> RequestFacts<'a> {
+        RequestFacts { tenant: t, method: "POST", path: "/v1/tenants/acme/rows", body }
+    }
+
+    #[test]
+    fn a_fresh_token_verifies() {
+        let (k, v, t) = setup();
+        let h = header(&k, &claims(&t, b"{}"));
+        assert!(v.verify(Some(&h), &facts(&t, b"{}"), now_unix()).is_ok());
+    }
+
+    #[test]
+    fn each_check_fails_on_its_own() {
+        let (k, v, t) = setup();
+        let now = now_unix();
+        let c = claims(&t, b"{}");
+        assert_eq!(v.verify(None, &facts(&t, b"{}"), now), Err(AuthError::Missing));
+        assert_eq!(v.verify(Some("Bearer x"), &facts(&t, b"{}"), now), Err(AuthError::Missing));
+        assert_eq!(v.verify(Some(&header(&k, &c)), &facts(&t, b"{ }"), now), Err(AuthError::BodyMismatch));
+        assert!(matches!(v.verify(Some(&header(&k, &c)), &facts(&t, b"{}"), now + 301), Err(AuthError::OutsideWindow(_))));
+        assert!(matches!(v.verify(Some(&header(&k, &c)), &facts(&t, b"{}"), now - 301), Err(AuthError::OutsideWindow(_))));
+        let other = TenantId::new("other").unwrap();
+        assert!(matches!(v.verify(Some(&header(&k, &c)), &facts(&other, b"{}"), now), Err(AuthError::WrongTenant { .. })));
+        let stranger = Keypair::generate();
+        assert_eq!(v.verify(Some(&header(&stranger, &c)), &facts(&t, b"{}"), now), Err(AuthError::BadSignature));
+        let mut wrong_path = c.clone();
+        wrong_path.path = "/v1/tenants/acme/wipe".into();
+        assert!(matches!(v.verify(Some(&header(&k, &wrong_path)), &facts(&t, b"{}"), now), Err(AuthError::WrongRequest { .. })));
+        let mut receiver_role = c.clone();
+        receiver_role.role = Role::Receiver;
+        assert_eq!(v.verify(Some(&header(&k, &receiver_role)), &facts(&t, b"{}"), now), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn garbled_tokens_are_malformed_not_panics() {
+        let (k, v, t) = setup();
+        let good = k.sign(&claims(&t, b""));
+        let (enc, sig) = good.split_once('.').unwrap();
+        let cases = [
+            String::new(),
+            "nodot".into(),
+            format!("{enc}."),
+            format!(".{sig}"),
+            format!("{enc}.{}", &sig[..10]),
+            format!("{enc}!.{sig}"),
+            format!("{}.{sig}", &enc[..enc.len() - 3]),
+            "a".repeat(5000),
+            format!("{enc}.{sig}.{sig}"),
+        ];
+        for c in cases {
+            let r = v.verify(Some(&format!("CtMirror {c}")), &facts(&t, b""), now_unix());
+            assert!(matches!(r, Err(AuthError::Malformed(_)) | Err(AuthError::BadSignature)), "{c:?}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn receiver_answer_is_bound_to_the_nonce() {
+        let (_, _, t) = setup();
+        let partner = Keypair::generate();
+        let sent = claims(&t, b"");
+        let answer = receiver_answer(&partner, &sent);
+        assert!(check_receiver_answer(&answer, &partner.public(), &sent, 300, now_unix()).is_ok());
+        let other = claims(&t, b"");
+        assert!(matches!(check_receiver_answer(&answer, &partner.public(), &other, 300, now_unix()), Err(AuthError::WrongNonce(_))));
+        assert_eq!(
+            check_receiver_answer(&answer, &Keypair::generate().public(), &sent, 300, now_unix()),
+            Err(AuthError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let k = Keypair::generate();
+        let secret = STANDARD.encode(k.key.to_bytes());
+        assert!(!format!("{k:?}").contains(&secret));
+    }
+
+    #[test]
+    fn key_files_round_trip_and_refuse_garbage() {
+        let dir = std::env::temp_dir().join(format!("ctm-keys-{}", new_nonce()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = Keypair::generate();
+        let (private, public) = k.write_files(&dir.join("agent")).unwrap();
+        assert_eq!(Keypair::load(&private).unwrap().public(), k.public());
+        assert_eq!(PublicKey::load(&public).unwrap(), k.public());
+        assert!(k.write_files(&dir.join("agent")).is_err(), "must not overwrite");
+        std::fs::write(dir.join("bad.pub"), "not base64!").unwrap();
+        assert!(PublicKey::load(dir.join("bad.pub").to_str().unwrap()).is_err());
+        std::fs::write(dir.join("short.pub"), "AAAA").unwrap();
+        assert!(PublicKey::load(dir.join("short.pub").to_str().unwrap()).unwrap_err().to_string().contains("32 bytes"));
+        assert!(matches!(Keypair::load("env:CTMIRROR_SURELY_UNSET_VAR"), Err(KeyError::MissingEnv(_))));
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

@@ -1,0 +1,295 @@
+//! The configuration file shared by agent and receiver (`ctmirror.example.toml`).
+//!
+//! One file format with an `[agent]` and a `[receiver]` section; each command
+//! reads only its own section, so a partner's file holds just `[receiver]`.
+//! Relative paths are resolved against the file's directory. Secrets (keys,
+//! database URLs) may be given as `env:NAME` to read an environment variable.
+
+use crate::ids::{AppId, TenantId};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub agent: Option<AgentConfig>,
+    pub receiver: Option<ReceiverConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverConfig {
+    /// Address to listen on, `host:port`.
+    pub listen: String,
+    /// The partner's PostgreSQL, where mirror schemas live.
+    pub database_url: String,
+    /// The application this receiver serves; tokens for others are refused.
+    pub application: AppId,
+    /// The partner's private key, signing Authenticate answers.
+    pub private_key: String,
+    /// The hosting operator's agent public key.
+    pub agent_public_key: String,
+    #[serde(default = "default_skew")]
+    pub max_clock_skew_secs: i64,
+    #[serde(default = "default_body")]
+    pub max_body_bytes: usize,
+    /// Drop mirror tables the schema map no longer names (default), or keep
+    /// them, frozen, for the partner to drop.
+    #[serde(default = "yes")]
+    pub drop_unmapped_tables: bool,
+    /// When set, Authenticate answers "do not replicate" with this reason.
+    #[serde(default)]
+    pub paused_reason: Option<String>,
+    #[serde(default)]
+    pub hooks: HookConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookConfig {
+    /// `ANALYZE` each table that changed in the cycle.
+    #[serde(default = "yes")]
+    pub analyze: bool,
+    /// `NOTIFY` this channel with a JSON summary after each cycle.
+    #[serde(default)]
+    pub notify_channel: Option<String>,
+    /// Extra SQL run after each cycle with `search_path` set to the tenant's
+    /// mirror schema, e.g. index maintenance.
+    #[serde(default)]
+    pub sql: Vec<String>,
+}
+
+impl Default for HookConfig {
+    fn default() -> Self {
+        Self { analyze: true, notify_channel: None, sql: Vec::new() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The agent's private key, signing every request.
+    pub private_key: String,
+    /// Rows per batch at most.
+    #[serde(default = "default_batch_rows")]
+    pub batch_rows: usize,
+    /// Bytes per batch at most (approximate wire size; one oversized row
+    /// still travels alone).
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: usize,
+    /// How long the PostgreSQL source keeps change records (hours).
+    #[serde(default = "default_retention")]
+    pub change_retention_hours: u32,
+    /// HTTP timeout per request, seconds.
+    #[serde(default = "default_timeout")]
+    pub request_timeout_secs: u64,
+    #[serde(rename = "tenant", default)]
+    pub tenants: Vec<TenantConfig>,
+    #[serde(rename = "application", default)]
+    pub applications: Vec<ApplicationConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    Postgres,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub id: TenantId,
+    pub source: SourceKind,
+    /// Connection URL of the tenant database, or `env:NAME`.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplicationConfig {
+    pub id: AppId,
+    pub receiver_url: String,
+    /// The partner's registered public key, checking Authenticate answers.
+    pub partner_public_key: String,
+    pub schema_map: PathBuf,
+    /// Tenants that approved this application.
+    pub tenants: Vec<TenantId>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_skew() -> i64 {
+    300
+}
+fn default_body() -> usize {
+    64 * 1024 * 1024
+}
+fn default_batch_rows() -> usize {
+    5_000
+}
+fn default_batch_bytes() -> usize {
+    4 * 1024 * 1024
+}
+fn default_retention() -> u32 {
+    7 * 24
+}
+fn default_timeout() -> u64 {
+    120
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config {path} is invalid: {message}")]
+    Invalid { path: String, message: String },
+    #[error("config {path} has no [{section}] section")]
+    MissingSection { path: String, section: &'static str },
+    #[error("environment variable {0} is not set")]
+    MissingEnv(String),
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let mut cfg = Self::parse(&text, &path.display().to_string())?;
+        cfg.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: ConfigFile = toml::from_str(text)
+            .map_err(|e| ConfigError::Invalid { path: origin.to_owned(), message: e.to_string() })?;
+        cfg.validate()
+            .map_err(|message| ConfigError::Invalid { path: origin.to_owned(), message })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if let Some(r) = &self.receiver {
+            if r.listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(format!("receiver.listen {:?} is not host:port with an IP address", r.listen));
+            }
+            if r.max_clock_skew_secs <= 0 || r.max_clock_skew_secs > 3600 {
+                return Err("receiver.max_clock_skew_secs must be between 1 and 3600".into());
+            }
+            if r.max_body_bytes < 1024 {
+                return Err("receiver.max_body_bytes must be at least 1024".into());
+            }
+        }
+        if let Some(a) = &self.agent {
+            if a.batch_rows == 0 || a.batch_bytes < 1024 {
+                return Err("agent.batch_rows must be positive and agent.batch_bytes at least 1024".into());
+            }
+            let mut ids = std::collections::HashSet::new();
+            for t in &a.tenants {
+                if !ids.insert(&t.id) {
+                    return Err(format!("tenant {} is configured twice", t.id));
+                }
+            }
+            let mut apps = std::collections::HashSet::new();
+            for app in &a.applications {
+                if !apps.insert(&app.id) {
+                    return Err(format!("application {} is configured twice", app.id));
+                }
+                if !(app.receiver_url.starts_with("http://") || app.receiver_url.starts_with("https://")) {
+                    return Err(format!("application {}: receiver_url must start with http:// or https://", app.id));
+                }
+                for t in &app.tenants {
+                    if !ids.contains(t) {
+                        return Err(format!("application {} names tenant {t}, which is not configured", app.id));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut String| {
+            if !p.starts_with("env:") && Path::new(p.as_str()).is_relative() {
+                *p = base.join(&*p).display().to_string();
+            }
+        };
+        if let Some(r) = &mut self.receiver {
+            fix(&mut r.private_key);
+            fix(&mut r.agent_public_key);
+        }
+        if let Some(a) = &mut self.agent {
+            fix(&mut a.private_key);
+            for app in &mut a.applications {
+                fix(&mut app.partner_public_key);
+                if app.schema_map.is_relative() {
+                    app.schema_map = base.join(&app.schema_map);
+                }
+            }
+        }
+    }
+
+    pub fn agent(&self, path: &str) -> Result<&AgentConfig, ConfigError> {
+        self.agent.as_ref().ok_or(ConfigError::MissingSection { path: path.to_owned(), section: "agent" })
+    }
+
+    pub fn receiver(&self, path: &str) -> Result<&ReceiverConfig, ConfigError> {
+        self.receiver.as_ref().ok_or(ConfigError::MissingSection { path: path.to_owned(), section: "receiver" })
+    }
+}
+
+/// Resolves an `env:NAME` value; other values are returned as they are.
+pub fn resolve_secret(value: &str) -> Result<String, ConfigError> {
+    match value.strip_prefix("env:") {
+        Some(var) => std::env::var(var).map_err(|_| ConfigError::MissingEnv(var.to_owned())),
+        None => Ok(value.to_owned()),
+    }
+}
+
+impl AgentConfig {
+    pub fn tenant(&self, id: &TenantId) -> Option<&TenantConfig> {
+        self.tenants.iter().find(|t| &t.id == id)
+    }
+    pub fn application(&self, id: &AppId) -> Option<&ApplicationConfig> {
+        self.applications.iter().find(|a| &a.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("ctmirror.example.toml");
+        let cfg = ConfigFile::load(&path).unwrap();
+        assert!(cfg.agent.is_some() && cfg.receiver.is_some());
+    }
+
+    #[test]
+    fn garbage_is_refused_clearly() {
+        let recv = "[receiver]\nlisten=\"127.0.0.1:1\"\ndatabase_url=\"x\"\napplication=\"a\"\nprivate_key=\"k\"\nagent_public_key=\"p\"\n";
+        let cases = [
+            ("[receiver]\nlisten=1", "invalid type"),
+            ("[nonsense]\n", "unknown field"),
+            (&recv.replace("127.0.0.1:1", "localhost"), "host:port"),
+            (&format!("{recv}max_clock_skew_secs=0\n"), "max_clock_skew_secs"),
+            (&format!("{recv}bogus=1\n"), "unknown field"),
+            ("[agent]\nprivate_key=\"k\"\nbatch_rows=0\n", "batch_rows"),
+            ("[agent]\nprivate_key=\"k\"\n[[agent.application]]\nid=\"a\"\nreceiver_url=\"ftp://x\"\npartner_public_key=\"p\"\nschema_map=\"m\"\ntenants=[]\n", "http"),
+            ("[agent]\nprivate_key=\"k\"\n[[agent.application]]\nid=\"a\"\nreceiver_url=\"http://x\"\npartner_public_key=\"p\"\nschema_map=\"m\"\ntenants=[\"ghost\"]\n", "not configured"),
+            ("[agent]\nprivate_key=\"k\"\n[[agent.tenant]]\nid=\"Bad\"\nsource=\"postgres\"\nurl=\"u\"\n", "invalid tenant id"),
+            ("[agent]\nprivate_key=\"k\"\n[[agent.tenant]]\nid=\"t\"\nsource=\"oracle\"\nurl=\"u\"\n", "unknown variant"),
+        ];
+        for (text, expected) in cases {
+            let err = ConfigFile::parse(text, "c.toml").unwrap_err().to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn env_secrets_resolve_or_say_which_variable() {
+        assert_eq!(resolve_secret("plain").unwrap(), "plain");
+        let err = resolve_secret("env:CTMIRROR_TEST_SURELY_UNSET").unwrap_err();
+        assert!(err.to_string().contains("CTMIRROR_TEST_SURELY_UNSET"));
+    }
+}

@@ -1,0 +1,1 @@
+//! The reference receiver: an HTTP service writing mirrors into PostgreSQL.

@@ -1,0 +1,216 @@
+//! Sources: the tenant databases whose changes the agent mirrors.
+//!
+//! One trait with exactly what a cycle needs, so the cycle never learns which
+//! database it reads. Both backends follow SQL Server Change Tracking's
+//! semantics: a table's changes are *net* changes per primary key (the latest
+//! version and whether the row is gone), versions only grow, and changes older
+//! than the table's min valid version are no longer available.
+
+pub mod postgres;
+
+use crate::protocol::{ColumnSchema, Key, TableSchema, Value, Version};
+use std::future::Future;
+
+/// A table in the source database.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SourceTable {
+    /// `None` means the backend's default schema (`public`, `dbo`).
+    pub schema: Option<String>,
+    pub name: String,
+}
+
+impl std::fmt::Display for SourceTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.schema {
+            Some(s) => write!(f, "{s}.{}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// A mapped column as the source sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceColumn {
+    pub column: ColumnSchema,
+    /// The backend's own spelling of the type (`character varying(20)`,
+    /// `nvarchar(50)`), used where the backend must cast key parameters.
+    pub native_type: String,
+}
+
+/// The projection of a source table that the schema map allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceSchema {
+    pub table: SourceTable,
+    /// Mapped columns in source order.
+    pub columns: Vec<SourceColumn>,
+    /// Primary-key column names in key order.
+    pub primary_key: Vec<String>,
+}
+
+impl SourceSchema {
+    /// The schema as sent to the receiver under the mirror table's name.
+    pub fn to_protocol(&self, mirror_name: &str) -> TableSchema {
+        TableSchema {
+            name: mirror_name.to_owned(),
+            columns: self.columns.iter().map(|c| c.column.clone()).collect(),
+            primary_key: self.primary_key.clone(),
+        }
+    }
+
+    pub fn key_positions(&self) -> Vec<usize> {
+        self.primary_key
+            .iter()
+            .map(|k| self.columns.iter().position(|c| &c.column.name == k).expect("key column is mapped"))
+            .collect()
+    }
+
+    pub fn key_columns(&self) -> Vec<&SourceColumn> {
+        self.key_positions().into_iter().map(|i| &self.columns[i]).collect()
+    }
+
+    /// The key of a full row (values in column order).
+    pub fn key_of(&self, values: &[Value]) -> Key {
+        Key(self.key_positions().into_iter().map(|i| values[i].clone()).collect())
+    }
+}
+
+/// What enabling change tracking found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrackingState {
+    /// Tracking was off and has just been turned on: no earlier cursor can be
+    /// trusted for this table.
+    pub newly_enabled: bool,
+}
+
+/// How much one chunk may hold. The byte bound is what keeps memory flat on
+/// wide rows; at least one row is always returned if one exists.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkLimits {
+    pub max_rows: usize,
+    pub max_bytes: usize,
+}
+
+/// A position in a table's change stream: every change at or before
+/// (`version`, `after_key`) is consumed; no key means the whole version is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangePosition {
+    pub version: Version,
+    pub after_key: Option<Key>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOp {
+    /// The row exists; its mapped values in column order.
+    Upsert(Vec<Value>),
+    Delete,
+}
+
+/// One net change: the latest version of a key and what the row is now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeRow {
+    pub version: Version,
+    pub key: Key,
+    pub op: RowOp,
+}
+
+impl ChangeRow {
+    pub fn wire_size(&self) -> usize {
+        let values = match &self.op {
+            RowOp::Upsert(v) => v.iter().map(Value::wire_size).sum(),
+            RowOp::Delete => self.key.0.iter().map(Value::wire_size).sum::<usize>(),
+        };
+        values + 40
+    }
+}
+
+/// Whether retrying can help. Drives what the agent does with a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceErrorKind {
+    /// Connection lost, timeout, serialization failure: try again later.
+    Transient,
+    /// The table or its mapping cannot be mirrored as configured (missing
+    /// table or column, no primary key, unsupported type, permission):
+    /// an operator must act.
+    Config,
+    /// A value that the protocol cannot carry.
+    Data,
+    /// Anything else; not retried automatically.
+    Fatal,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct SourceError {
+    pub kind: SourceErrorKind,
+    pub message: String,
+}
+
+impl SourceError {
+    pub fn new(kind: SourceErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+    pub fn config(message: impl Into<String>) -> Self {
+        Self::new(SourceErrorKind::Config, message)
+    }
+    pub fn is_retryable(&self) -> bool {
+        self.kind == SourceErrorKind::Transient
+    }
+}
+
+/// One tenant database. Methods take `&mut self` because a backend holds one
+/// connection and runs one statement at a time.
+pub trait Source: Send {
+    /// Changes when the database is replaced by a restore; stored by the
+    /// receiver so a replaced source can be detected.
+    fn identity(&mut self) -> impl Future<Output = Result<String, SourceError>> + Send;
+
+    /// Turns change tracking on for a table (idempotent). A table without a
+    /// primary key is refused with a `Config` error.
+    fn ensure_tracking(
+        &mut self,
+        table: &SourceTable,
+    ) -> impl Future<Output = Result<TrackingState, SourceError>> + Send;
+
+    /// Reads the physical schema of the named columns only. A named column
+    /// that does not exist, an unmapped primary-key column or an unsupported
+    /// type is a `Config` error naming the column.
+    fn read_schema(
+        &mut self,
+        table: &SourceTable,
+        columns: &[String],
+    ) -> impl Future<Output = Result<SourceSchema, SourceError>> + Send;
+
+    /// The newest version whose changes are all final: no transaction that
+    /// could still commit a change at or below it is running.
+    fn current_version(&mut self) -> impl Future<Output = Result<Version, SourceError>> + Send;
+
+    /// The oldest version from which this table's changes are still complete.
+    /// A cursor below it must reload the table.
+    fn min_valid_version(
+        &mut self,
+        table: &SourceTable,
+    ) -> impl Future<Output = Result<Version, SourceError>> + Send;
+
+    /// Housekeeping the backend needs before a cycle (retention cleanup for
+    /// the PostgreSQL backend; nothing where the server does it itself).
+    fn maintain(&mut self) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// Rows in primary-key order strictly after `after` (from the start when
+    /// `None`), values in schema column order.
+    fn snapshot_chunk(
+        &mut self,
+        schema: &SourceSchema,
+        after: Option<&Key>,
+        limits: ChunkLimits,
+    ) -> impl Future<Output = Result<Vec<Vec<Value>>, SourceError>> + Send;
+
+    /// Net changes strictly after `after` with version ≤ `upper`, ordered by
+    /// (version, key).
+    fn changes_chunk(
+        &mut self,
+        schema: &SourceSchema,
+        after: &ChangePosition,
+        upper: Version,
+        limits: ChunkLimits,
+    ) -> impl Future<Output = Result<Vec<ChangeRow>, SourceError>> + Send;
+}

@@ -1,0 +1,1 @@
+//! PostgreSQL source backend: trigger-based change tracking.
