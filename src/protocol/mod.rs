@@ -64,8 +64,12 @@ pub struct TableSchemaRequest {
     /// the receiver stores it with each table.
     pub source_identity: String,
     /// Every table the application maps. A mirror table not listed here
-    /// counts as dropped.
+    /// (nor in `skipped`) counts as dropped.
     pub tables: Vec<TableSchema>,
+    /// Mapped tables the agent could not read this cycle (source error). They
+    /// are still mapped: the receiver must not drop them.
+    #[serde(default)]
+    pub skipped: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

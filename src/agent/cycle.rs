@@ -1,0 +1,151 @@
+//! One mirroring cycle for one tenant and application.
+//!
+//! Authenticate, make sure every mapped table is tracked and send all their
+//! schemas in one call, then bring each table up to the version captured at
+//! the start, and finally report ReplicationCompleted. A failing table is
+//! reported and the others go on.
+
+use super::client::PartnerClient;
+use super::error::AgentError;
+use super::report::{CycleReport, TableOutcome};
+use super::table_sync::{TablePlan, TableSync};
+use crate::protocol::{CompletedRequest, TableSchema, TableSchemaRequest, TableStatus};
+use crate::schema_map::SchemaMap;
+use crate::source::{ChunkLimits, Source, SourceSchema, SourceTable};
+use std::time::Instant;
+use tracing::{info, warn};
+
+#[derive(Debug, Clone, Copy)]
+pub struct CycleSettings {
+    pub limits: ChunkLimits,
+}
+
+struct Prepared {
+    source: SourceSchema,
+    mirror: TableSchema,
+    newly_enabled: bool,
+}
+
+/// Runs one cycle. Errors that stop the whole cycle (authentication, the
+/// schema call) are returned; per-table failures are in the report.
+pub async fn run_cycle<S: Source>(
+    source: &mut S,
+    client: &PartnerClient,
+    map: &SchemaMap,
+    tenant: &str,
+    settings: CycleSettings,
+) -> Result<CycleReport, AgentError> {
+    let started = Instant::now();
+    let mut report = CycleReport {
+        tenant: tenant.to_owned(),
+        application: map.application.to_string(),
+        paused: None,
+        tables: Vec::new(),
+        dropped: Vec::new(),
+        completion_error: None,
+        duration: Default::default(),
+    };
+
+    let auth = client.authenticate().await?;
+    if !auth.replicate {
+        let reason = auth.reason.unwrap_or_else(|| "no reason given".into());
+        info!(%reason, "receiver asked not to replicate; cycle skipped");
+        report.paused = Some(reason);
+        report.duration = started.elapsed();
+        return Ok(report);
+    }
+
+    source.maintain().await?;
+    let identity = source.identity().await?;
+
+    let mut prepared = Vec::new();
+    let mut skipped = Vec::new();
+    for t in &map.tables {
+        let table = SourceTable { schema: t.schema.clone(), name: t.table.clone() };
+        match prepare(source, &table, &t.columns, t.mirror_name()).await {
+            Ok(p) => prepared.push(p),
+            Err(e) => {
+                warn!(table = t.mirror_name(), error = %e, "table cannot be read this cycle");
+                skipped.push(t.mirror_name().to_owned());
+                report.tables.push(TableOutcome::failed(t.mirror_name(), e));
+            }
+        }
+    }
+
+    let request = TableSchemaRequest {
+        source_identity: identity,
+        tables: prepared.iter().map(|p| p.mirror.clone()).collect(),
+        skipped,
+    };
+    let answer = client.send_schema(&request).await?;
+    report.dropped = answer.dropped.clone();
+    if !answer.dropped.is_empty() {
+        info!(tables = ?answer.dropped, "receiver dropped tables the map no longer names");
+    }
+
+    // Changes are read up to this version for every table, so one cycle
+    // gives a mirror consistent with one moment of the source.
+    let upper = source.current_version().await?;
+    info!(%upper, tables = prepared.len(), "syncing");
+
+    for p in &prepared {
+        let Some(state) = answer.tables.iter().find(|s| s.name == p.mirror.name) else {
+            report.tables.push(TableOutcome::failed(
+                &p.mirror.name,
+                AgentError::new(super::error::AgentErrorKind::Fatal, "receiver's schema answer omits the table"),
+            ));
+            continue;
+        };
+        if state.status == TableStatus::Refused {
+            let msg = state.message.clone().unwrap_or_else(|| "schema refused".into());
+            report.tables.push(TableOutcome::failed(
+                &p.mirror.name,
+                AgentError::new(super::error::AgentErrorKind::Refused, format!("receiver refused the schema: {msg}")),
+            ));
+            continue;
+        }
+        let plan = TablePlan {
+            schema: &p.source,
+            mirror: &p.mirror,
+            schema_hash: state.schema_hash.clone(),
+            status: state.status,
+            cursor: state.cursor.clone(),
+            newly_enabled: p.newly_enabled,
+        };
+        let outcome = TableSync::new(source, client, plan, settings.limits).run(upper).await;
+        report.tables.push(outcome);
+    }
+
+    let completed = CompletedRequest { tables: report.tables.iter().map(TableOutcome::to_report).collect() };
+    match client.completed(&completed).await {
+        Ok(resp) => {
+            for h in resp.hooks {
+                info!(hook = %h, "receiver completion hook");
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "ReplicationCompleted failed; the data sent is committed");
+            report.completion_error = Some(e);
+        }
+    }
+    report.duration = started.elapsed();
+    Ok(report)
+}
+
+async fn prepare<S: Source>(
+    source: &mut S,
+    table: &SourceTable,
+    columns: &[String],
+    mirror_name: &str,
+) -> Result<Prepared, AgentError> {
+    let tracking = source.ensure_tracking(table).await?;
+    if tracking.newly_enabled {
+        info!(table = %table, "change tracking enabled");
+    }
+    let schema = source.read_schema(table, columns).await?;
+    let mirror = schema.to_protocol(mirror_name);
+    mirror
+        .validate()
+        .map_err(|e| AgentError::new(super::error::AgentErrorKind::Config, e))?;
+    Ok(Prepared { source: schema, mirror, newly_enabled: tracking.newly_enabled })
+}

@@ -1,0 +1,75 @@
+//! The agent's error type: every failure says whether trying again can help.
+
+use crate::protocol::ErrorDetail;
+use crate::source::{SourceError, SourceErrorKind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentErrorKind {
+    /// Network trouble, timeouts, 5xx, a source connection lost: the next
+    /// attempt may well succeed.
+    Transient,
+    /// Token refused or the receiver's answer did not verify: keys or clocks
+    /// need an operator; retrying hammers a partner for nothing.
+    Auth,
+    /// The receiver refused the request itself (bad request, schema refused,
+    /// a value it cannot store): retrying the same data fails the same way.
+    Refused,
+    /// The table's mirror needs a reload this issue does not perform yet
+    /// (cursor older than the source's retention, source restored).
+    NeedsReload,
+    /// Configuration or mapping is wrong (missing table or column, no key).
+    Config,
+    /// A source value the protocol cannot carry.
+    Data,
+    /// Anything else.
+    Fatal,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct AgentError {
+    pub kind: AgentErrorKind,
+    pub message: String,
+}
+
+impl AgentError {
+    pub fn new(kind: AgentErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        self.kind == AgentErrorKind::Transient
+    }
+
+    /// Maps a receiver's structured error answer.
+    pub fn from_receiver(status: u16, detail: &ErrorDetail) -> Self {
+        let kind = if detail.retryable || status >= 500 || status == 429 {
+            AgentErrorKind::Transient
+        } else if status == 401 || status == 403 {
+            AgentErrorKind::Auth
+        } else {
+            AgentErrorKind::Refused
+        };
+        let mut message = format!("receiver answered {status} {}: {}", detail.kind, detail.message);
+        if let Some(t) = &detail.table {
+            message.push_str(&format!(" (table {t}"));
+            if let Some(k) = &detail.key {
+                message.push_str(&format!(", key {k}"));
+            }
+            message.push(')');
+        }
+        Self::new(kind, message)
+    }
+}
+
+impl From<SourceError> for AgentError {
+    fn from(e: SourceError) -> Self {
+        let kind = match e.kind {
+            SourceErrorKind::Transient => AgentErrorKind::Transient,
+            SourceErrorKind::Config => AgentErrorKind::Config,
+            SourceErrorKind::Data => AgentErrorKind::Data,
+            SourceErrorKind::Fatal => AgentErrorKind::Fatal,
+        };
+        Self::new(kind, format!("source: {}", e.message))
+    }
+}

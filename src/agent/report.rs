@@ -1,0 +1,79 @@
+//! What a cycle did, per table: the operator's view and the basis of
+//! ReplicationCompleted.
+
+use super::error::AgentError;
+use crate::protocol::{ChangeCounts, Cursor, SyncMode, TableReport};
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct TableOutcome {
+    /// The mirror table's name.
+    pub table: String,
+    pub mode: SyncMode,
+    /// What the receiver reports it did.
+    pub counts: ChangeCounts,
+    pub rows_sent: u64,
+    pub bytes_sent: u64,
+    pub batches: u64,
+    /// The receiver's cursor when the table finished (or failed).
+    pub cursor: Option<Cursor>,
+    pub error: Option<AgentError>,
+    pub duration: Duration,
+}
+
+impl TableOutcome {
+    pub fn new(table: &str) -> Self {
+        Self {
+            table: table.to_owned(),
+            mode: SyncMode::Idle,
+            counts: ChangeCounts::default(),
+            rows_sent: 0,
+            bytes_sent: 0,
+            batches: 0,
+            cursor: None,
+            error: None,
+            duration: Duration::ZERO,
+        }
+    }
+
+    pub fn failed(table: &str, error: AgentError) -> Self {
+        let mut o = Self::new(table);
+        o.mode = SyncMode::Failed;
+        o.error = Some(error);
+        o
+    }
+
+    pub fn to_report(&self) -> TableReport {
+        TableReport {
+            name: self.table.clone(),
+            mode: self.mode,
+            counts: self.counts,
+            error: self.error.as_ref().map(|e| e.message.clone()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CycleReport {
+    pub tenant: String,
+    pub application: String,
+    /// Set when the receiver answered "do not replicate".
+    pub paused: Option<String>,
+    pub tables: Vec<TableOutcome>,
+    /// Tables the receiver dropped because the map no longer names them.
+    pub dropped: Vec<String>,
+    /// ReplicationCompleted failed (the data itself is committed).
+    pub completion_error: Option<AgentError>,
+    pub duration: Duration,
+}
+
+impl CycleReport {
+    /// True when every table succeeded and the receiver took the completion.
+    pub fn succeeded(&self) -> bool {
+        self.completion_error.is_none() && self.tables.iter().all(|t| t.error.is_none())
+    }
+
+    pub fn rows_sent(&self) -> u64 {
+        self.tables.iter().map(|t| t.rows_sent).sum()
+    }
+}
