@@ -1,0 +1,221 @@
+//! End-to-end harness: a source database, a mirror database, an in-process
+//! receiver on a real HTTP port, and a way to run agent cycles between them.
+#![allow(dead_code)]
+
+#[path = "../support/mod.rs"]
+pub mod support;
+
+use ctmirror::agent::{run_cycle, CycleReport, CycleSettings, PartnerClient};
+use ctmirror::auth::{Keypair, PublicKey, RequestSigner};
+use ctmirror::config::{HookConfig, ReceiverConfig};
+use ctmirror::ids::{AppId, TenantId};
+use ctmirror::protocol::Cursor;
+use ctmirror::receiver::ReceiverService;
+use ctmirror::schema_map::SchemaMap;
+use ctmirror::source::postgres::PostgresSource;
+use ctmirror::source::ChunkLimits;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::TestDb;
+use tokio_postgres::Client;
+
+pub const APP: &str = "crm_insights";
+pub const TENANT: &str = "acme";
+
+pub struct Pipeline {
+    pub source_db: TestDb,
+    pub mirror_db: TestDb,
+    pub receiver_url: String,
+    pub map: SchemaMap,
+    pub tenant: TenantId,
+    pub limits: ChunkLimits,
+    pub retention: Duration,
+    pub agent_key: Keypair,
+    pub partner_public: PublicKey,
+    /// Every request body the receiver saw, for wire-level assertions.
+    pub wire: Arc<Mutex<Vec<Vec<u8>>>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+pub struct Options {
+    pub limits: ChunkLimits,
+    pub paused: Option<String>,
+    pub drop_unmapped_tables: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            limits: ChunkLimits { max_rows: 1000, max_bytes: 1 << 20 },
+            paused: None,
+            drop_unmapped_tables: true,
+        }
+    }
+}
+
+pub fn receiver_config(mirror_url: &str) -> ReceiverConfig {
+    ReceiverConfig {
+        listen: "127.0.0.1:0".into(),
+        database_url: mirror_url.into(),
+        application: AppId::new(APP).unwrap(),
+        private_key: "unused".into(),
+        agent_public_key: "unused".into(),
+        max_clock_skew_secs: 300,
+        max_body_bytes: 64 << 20,
+        drop_unmapped_tables: true,
+        paused_reason: None,
+        hooks: HookConfig { analyze: true, notify_channel: Some("ctmirror_test".into()), sql: vec![] },
+    }
+}
+
+impl Pipeline {
+    /// Creates both databases, runs `setup_sql` on the source and starts a
+    /// receiver.
+    pub async fn start(label: &str, setup_sql: &str, map_toml: &str) -> Pipeline {
+        Self::start_with(label, setup_sql, map_toml, Options::default()).await
+    }
+
+    pub async fn start_with(label: &str, setup_sql: &str, map_toml: &str, opts: Options) -> Pipeline {
+        let source_db = TestDb::create(&format!("{label}_src")).await;
+        let mirror_db = TestDb::create(&format!("{label}_dst")).await;
+        source_db.client().await.batch_execute(setup_sql).await.expect("source setup SQL");
+        let map = SchemaMap::parse(map_toml, "test map").expect("test map");
+
+        let agent = Keypair::generate();
+        let partner = Keypair::generate();
+        let partner_public = partner.public();
+        let mut cfg = receiver_config(&mirror_db.url);
+        cfg.paused_reason = opts.paused.clone();
+        cfg.drop_unmapped_tables = opts.drop_unmapped_tables;
+        let svc = ReceiverService::with_keys(cfg, partner, agent.public()).await.expect("receiver starts");
+        let wire: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let recorder = wire.clone();
+        let router = svc.router().layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let recorder = recorder.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+                recorder.lock().unwrap().push(bytes.to_vec());
+                next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
+            }
+        }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router).await.ok();
+        });
+        Pipeline {
+            source_db,
+            mirror_db,
+            receiver_url: format!("http://{addr}"),
+            map,
+            tenant: TenantId::new(TENANT).unwrap(),
+            limits: opts.limits,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            agent_key: agent.clone(),
+            partner_public,
+            wire,
+            server,
+        }
+    }
+
+    pub fn client(&self) -> PartnerClient {
+        let key = self.agent_key.clone();
+        let signer = RequestSigner { key, tenant: self.tenant.clone(), app: AppId::new(APP).unwrap() };
+        PartnerClient::new(&self.receiver_url, signer, self.partner_public, Duration::from_secs(60)).unwrap()
+    }
+
+    pub async fn connect_source(&self) -> PostgresSource {
+        PostgresSource::connect(&self.source_db.url, self.retention).await.expect("source connects")
+    }
+
+    /// Waits until every transaction that had started on the cluster is
+    /// finished, so the next cycle's version covers all writes made so far.
+    /// (Versions are cluster-wide: other tests' open transactions hold the
+    /// readable version back for a moment.)
+    pub async fn wait_quiet(&self) {
+        let c = self.source().await;
+        let row = c.query_one("SELECT pg_current_xact_id()::text::bigint", &[]).await.unwrap();
+        let marker: i64 = row.get(0);
+        for _ in 0..3000 {
+            let r = c
+                .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint", &[])
+                .await
+                .unwrap();
+            let xmin: i64 = r.get(0);
+            if xmin > marker {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("cluster never became quiet");
+    }
+
+    /// One full cycle after all earlier writes are final.
+    pub async fn cycle(&self) -> CycleReport {
+        self.wait_quiet().await;
+        self.cycle_now().await
+    }
+
+    pub async fn cycle_now(&self) -> CycleReport {
+        let mut source = self.connect_source().await;
+        let client = self.client();
+        run_cycle(&mut source, &client, &self.map, TENANT, CycleSettings { limits: self.limits })
+            .await
+            .expect("cycle runs")
+    }
+
+    pub async fn source(&self) -> Client {
+        self.source_db.client().await
+    }
+
+    pub async fn mirror(&self) -> Client {
+        self.mirror_db.client().await
+    }
+
+    /// The receiver's stored cursor of a mirror table.
+    pub async fn mirror_cursor(&self, table: &str) -> Option<Cursor> {
+        let c = self.mirror().await;
+        let row = c
+            .query_opt("SELECT cursor::text FROM ctmirror.tables WHERE tenant = $1 AND table_name = $2", &[&TENANT, &table])
+            .await
+            .unwrap()?;
+        let text: Option<String> = row.get(0);
+        text.map(|t| serde_json::from_str(&t).unwrap())
+    }
+
+    pub async fn assert_converged(&self) {
+        let cmp = ctmirror::verify::compare_postgres(&self.source_db.url, &self.mirror_db.url, &self.tenant, &self.map)
+            .await
+            .expect("verify runs");
+        for t in cmp {
+            assert!(t.equal(), "mirror of {} differs from the source projection: {t:?}", t.table);
+        }
+    }
+
+    /// All request bodies the receiver saw, as text.
+    pub fn wire_text(&self) -> String {
+        let w = self.wire.lock().unwrap();
+        w.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<Vec<_>>().join("\n")
+    }
+}
+
+pub fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// The sample CRM tenant at a small scale (1.0 is about 120,000 rows).
+pub fn sample_crm_sql(scale: f64) -> String {
+    let sql = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/sample-crm.sql")).unwrap();
+    format!("SELECT set_config('ctmirror.scale', '{scale}', false);\n{sql}")
+}
+
+pub fn sample_crm_map() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schema-maps/crm_insights.toml")).unwrap()
+}

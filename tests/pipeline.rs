@@ -1,0 +1,423 @@
+//! End to end: PostgreSQL tenant -> agent -> signed HTTP -> receiver ->
+//! PostgreSQL mirror, each test with its own databases.
+
+mod harness;
+
+use ctmirror::agent::AgentErrorKind;
+use ctmirror::protocol::{Cursor, SyncMode};
+use ctmirror::source::ChunkLimits;
+use harness::{sample_crm_map, sample_crm_sql, Options, Pipeline};
+
+const SIMPLE_SQL: &str = "
+CREATE TABLE item (id bigint PRIMARY KEY, name text, qty integer, secret text);
+INSERT INTO item SELECT i, 'item ' || i, i % 7, 'hidden' || i FROM generate_series(1, 500) i;
+";
+const SIMPLE_MAP: &str = r#"
+application = "crm_insights"
+[[table]]
+table = "item"
+columns = ["id", "name", "qty"]
+"#;
+
+fn small_batches(rows: usize) -> Options {
+    Options { limits: ChunkLimits { max_rows: rows, max_bytes: 1 << 20 }, ..Options::default() }
+}
+
+#[tokio::test]
+async fn multi_table_initial_load_equals_source_projection() {
+    let p = Pipeline::start("initial_load", &sample_crm_sql(0.05), &sample_crm_map()).await;
+    let report = p.cycle().await;
+    assert!(report.succeeded(), "{report:#?}");
+    assert_eq!(report.tables.len(), 6);
+    assert!(report.tables.iter().all(|t| t.mode == SyncMode::Full));
+    p.assert_converged().await;
+    let contact = report.tables.iter().find(|t| t.table == "contact").unwrap();
+    assert_eq!(contact.counts.inserted, 1000);
+    // The users table is mirrored under its mapped name, without secrets.
+    let m = p.mirror().await;
+    let cols: Vec<String> = m
+        .query("SELECT column_name::text FROM information_schema.columns WHERE table_schema = 'mirror_acme' AND table_name = 'associate' ORDER BY ordinal_position", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(cols, ["user_id", "login", "display_name", "is_active", "last_login"]);
+}
+
+#[tokio::test]
+async fn second_cycle_sends_only_the_changes() {
+    let p = Pipeline::start("only_changes", &sample_crm_sql(0.05), &sample_crm_map()).await;
+    assert!(p.cycle().await.succeeded());
+    p.source()
+        .await
+        .batch_execute(
+            "UPDATE contact SET name = name || ' (renamed)' WHERE contact_id <= 10;
+             DELETE FROM sale WHERE sale_id <= 5;
+             INSERT INTO project SELECT 100000 + i, 'New ' || i, NULL, 1, NULL, NULL, false, gen_random_uuid() FROM generate_series(1, 3) i;",
+        )
+        .await
+        .unwrap();
+    let report = p.cycle().await;
+    assert!(report.succeeded(), "{report:#?}");
+    assert_eq!(report.rows_sent(), 18);
+    let by = |n: &str| report.tables.iter().find(|t| t.table == n).unwrap().clone();
+    assert_eq!(by("contact").counts.updated, 10);
+    assert_eq!(by("sale").counts.deleted, 5);
+    assert_eq!(by("project").counts.inserted, 3);
+    assert_eq!(by("person").mode, SyncMode::Idle);
+    assert_eq!(by("contact").mode, SyncMode::Incremental);
+    p.assert_converged().await;
+}
+
+#[tokio::test]
+async fn inserts_updates_deletes_reinserts_and_key_updates_converge() {
+    let p = Pipeline::start("all_ops", SIMPLE_SQL, SIMPLE_MAP).await;
+    assert!(p.cycle().await.succeeded());
+    let s = p.source().await;
+    s.batch_execute(
+        "INSERT INTO item VALUES (1001, 'new', 1, 'x');
+         UPDATE item SET qty = qty + 100 WHERE id BETWEEN 1 AND 50;
+         UPDATE item SET name = 'twice' WHERE id = 1;
+         DELETE FROM item WHERE id BETWEEN 60 AND 70;
+         DELETE FROM item WHERE id = 80;
+         INSERT INTO item VALUES (80, 'reborn', 8, 'y');
+         UPDATE item SET id = id + 10000 WHERE id BETWEEN 90 AND 95;
+         BEGIN; INSERT INTO item VALUES (2000, 'short-lived', 0, 'z'); DELETE FROM item WHERE id = 2000; COMMIT;",
+    )
+    .await
+    .unwrap();
+    let r = p.cycle().await;
+    assert!(r.succeeded(), "{r:#?}");
+    p.assert_converged().await;
+    // Key updates: old keys gone, new keys present.
+    let m = p.mirror().await;
+    let n: i64 = m.query_one("SELECT count(*) FROM mirror_acme.item WHERE id BETWEEN 90 AND 95", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0);
+    let n: i64 = m.query_one("SELECT count(*) FROM mirror_acme.item WHERE id BETWEEN 10090 AND 10095", &[]).await.unwrap().get(0);
+    assert_eq!(n, 6);
+}
+
+#[tokio::test]
+async fn one_transaction_larger_than_three_batches_converges() {
+    let p = Pipeline::start_with("big_txn", SIMPLE_SQL, SIMPLE_MAP, small_batches(100)).await;
+    assert!(p.cycle().await.succeeded());
+    p.source().await.batch_execute("UPDATE item SET qty = -qty - 1").await.unwrap();
+    let r = p.cycle().await;
+    assert!(r.succeeded(), "{r:#?}");
+    let item = &r.tables[0];
+    assert_eq!(item.rows_sent, 500);
+    assert!(item.batches >= 5, "500 changes in one version must travel in several batches: {item:?}");
+    assert_eq!(item.counts.updated, 500);
+    p.assert_converged().await;
+    // The final cursor closed the whole version.
+    assert!(matches!(p.mirror_cursor("item").await, Some(Cursor::Changes { after_key: None, .. })));
+}
+
+#[tokio::test]
+async fn idle_table_still_advances_its_cursor() {
+    let p = Pipeline::start("idle", SIMPLE_SQL, SIMPLE_MAP).await;
+    assert!(p.cycle().await.succeeded());
+    let before = p.mirror_cursor("item").await.unwrap().version();
+    // Unrelated writes move the source's version forward.
+    p.source().await.batch_execute("CREATE TABLE other (x int); INSERT INTO other VALUES (1); INSERT INTO other VALUES (2);").await.unwrap();
+    let r = p.cycle().await;
+    assert_eq!(r.tables[0].mode, SyncMode::Idle);
+    assert_eq!(r.tables[0].rows_sent, 0);
+    let after = p.mirror_cursor("item").await.unwrap().version();
+    assert!(after > before, "cursor stayed at {before}");
+}
+
+#[tokio::test]
+async fn concurrent_writers_converge_after_one_more_cycle() {
+    let p = Pipeline::start_with("concurrent", SIMPLE_SQL, SIMPLE_MAP, small_batches(50)).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..3i64 {
+        let c = p.source().await;
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut i = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let id = 5000 + w * 100_000 + i;
+                // A mix of short and slow transactions, some committing late.
+                c.batch_execute(&format!(
+                    "BEGIN;
+                     INSERT INTO item VALUES ({id}, 'w{w}', {i}, 's');
+                     UPDATE item SET qty = qty + 1 WHERE id = {};
+                     DELETE FROM item WHERE id = {};
+                     SELECT pg_sleep({});
+                     COMMIT;",
+                    1 + (i * 7 + w) % 500,
+                    id - 3,
+                    if i % 5 == 0 { 0.05 } else { 0.0 }
+                ))
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for _ in 0..3 {
+        let r = p.cycle_now().await;
+        assert!(r.succeeded(), "{r:#?}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let r = p.cycle().await;
+    assert!(r.succeeded(), "{r:#?}");
+    p.assert_converged().await;
+}
+
+#[tokio::test]
+async fn killed_full_load_resumes_where_the_receiver_stands() {
+    let sql = "CREATE TABLE item (id bigint PRIMARY KEY, name text, qty integer, secret text);
+               INSERT INTO item SELECT i, repeat('x', 200) || i, i, 's' FROM generate_series(1, 20000) i;";
+    let p = Pipeline::start_with("killed_load", sql, SIMPLE_MAP, small_batches(500)).await;
+    p.wait_quiet().await;
+    let pipeline = std::sync::Arc::new(p);
+    let runner = {
+        let p = pipeline.clone();
+        tokio::spawn(async move { p.cycle_now().await })
+    };
+    // Kill the cycle once a few batches are committed.
+    loop {
+        if let Some(Cursor::Snapshot { after_key: Some(k), .. }) = pipeline.mirror_cursor("item").await {
+            if matches!(k.0[0], ctmirror::protocol::Value::Int(n) if n >= 2000) {
+                break;
+            }
+        }
+        assert!(!runner.is_finished(), "the load finished before it could be killed");
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    runner.abort();
+    let _ = runner.await;
+    let loaded: i64 = pipeline.mirror().await.query_one("SELECT count(*) FROM mirror_acme.item", &[]).await.unwrap().get(0);
+    assert!(loaded >= 2000 && loaded < 20000, "loaded {loaded}");
+
+    let r = pipeline.cycle().await;
+    assert!(r.succeeded(), "{r:#?}");
+    let item = &r.tables[0];
+    assert_eq!(item.mode, SyncMode::Full);
+    assert!(item.rows_sent < 20000 - 1000, "resumed load re-sent {} rows", item.rows_sent);
+    assert!(item.rows_sent as i64 <= 20000 - loaded + 500);
+    pipeline.assert_converged().await;
+}
+
+#[tokio::test]
+async fn odd_values_survive_the_round_trip() {
+    let sql = r#"
+CREATE TABLE odd (
+  k1 text COLLATE "C", k2 integer, n numeric(38,10), f float8, r real, b bytea, ts timestamptz, t timestamp,
+  d date, tm time, u uuid, j json, jb jsonb, big text, flag boolean, ch char(3), v varchar(5),
+  PRIMARY KEY (k1, k2));
+INSERT INTO odd VALUES
+ ('a', 1, 9999999999999999999999999999.9999999999, 'NaN', 'Infinity', '\x00ff10', '2024-02-29 23:59:59.999999+00', 'infinity', '0001-01-01', '24:00:00',
+  '123e4567-e89b-12d3-a456-426614174000', '{"b":1, "a":[1,2]}', '{"z":null}', repeat('🦀', 262144), true, 'ab', 'ÆØÅ'),
+ ('a', 2, -9999999999999999999999999999.9999999999, '-Infinity', '-0', '\x', '-infinity', '1999-12-31 23:59:59.5', '9999-12-31', '00:00:00.000001',
+  '00000000-0000-0000-0000-000000000000', '[]', '"\u00e9"', '', false, '   ', ''),
+ ('Z', 1, 0.0000000001, 1e-300, 3.4e38, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+ ('ä''"\', -2147483648, NULL, 1.7976931348623157e308, 1.17549435e-38, '\xdeadbeef', '1970-01-01 00:00:00+00', '2000-01-01 00:00:00', '2000-02-29', '12:34:56.789',
+  'ffffffff-ffff-ffff-ffff-ffffffffffff', '{"k": "line\nbreak \u0001"}', '{"deep": {"a": {"b": [1.5e10]}}}', E'tab\there\nnewline\\back', NULL, 'x', 'a"b');
+"#;
+    let map = r#"
+application = "crm_insights"
+[[table]]
+table = "odd"
+columns = ["k1", "k2", "n", "f", "r", "b", "ts", "t", "d", "tm", "u", "j", "jb", "big", "flag", "ch", "v"]
+"#;
+    let p = Pipeline::start_with("odd_values", sql, map, small_batches(2)).await;
+    let r = p.cycle().await;
+    assert!(r.succeeded(), "{r:#?}");
+    p.assert_converged().await;
+    p.source().await.batch_execute("UPDATE odd SET big = big || 'x', n = -n WHERE k2 = 1; DELETE FROM odd WHERE k1 = 'Z'").await.unwrap();
+    let r = p.cycle().await;
+    assert!(r.succeeded(), "{r:#?}");
+    p.assert_converged().await;
+}
+
+#[tokio::test]
+async fn identifiers_that_need_quoting_work_end_to_end() {
+    let sql = r#"
+CREATE SCHEMA "Sales Dept";
+CREATE TABLE "Sales Dept"."Order ""Lines""; drop table x; --" (
+  "select" bigint, "Mixed Case" text, "with space" integer, "quote""d" text, "from" date, hidden text,
+  PRIMARY KEY ("select", "Mixed Case"));
+INSERT INTO "Sales Dept"."Order ""Lines""; drop table x; --"
+  SELECT i, 'K' || (i % 3), i, 'q"' || i, date '2024-01-01' + i, 'h' FROM generate_series(1, 300) i;
+"#;
+    let map = r#"
+application = "crm_insights"
+[[table]]
+schema = "Sales Dept"
+table = "Order \"Lines\"; drop table x; --"
+mirror = "Order \"Lines\"; drop table x; --"
+columns = ["select", "Mixed Case", "with space", "quote\"d", "from"]
+"#;
+    let p = Pipeline::start_with("quoting", sql, map, small_batches(40)).await;
+    assert!(p.cycle().await.succeeded());
+    p.assert_converged().await;
+    p.source()
+        .await
+        .batch_execute(r#"UPDATE "Sales Dept"."Order ""Lines""; drop table x; --" SET "with space" = -1 WHERE "select" < 50;
+                          DELETE FROM "Sales Dept"."Order ""Lines""; drop table x; --" WHERE "select" > 290;"#)
+        .await
+        .unwrap();
+    let r = p.cycle().await;
+    assert!(r.succeeded(), "{r:#?}");
+    assert_eq!(r.tables[0].counts.updated, 49);
+    assert_eq!(r.tables[0].counts.deleted, 10);
+    p.assert_converged().await;
+}
+
+#[tokio::test]
+async fn unmapped_columns_never_reach_the_mirror_or_the_wire() {
+    let p = Pipeline::start("deny_default", &sample_crm_sql(0.02), &sample_crm_map()).await;
+    assert!(p.cycle().await.succeeded());
+    // A sensitive column added later is not mapped either.
+    p.source().await.batch_execute("ALTER TABLE contact ADD COLUMN tax_secret text DEFAULT 'TOPSECRET'; UPDATE contact SET name = name WHERE contact_id < 20;").await.unwrap();
+    assert!(p.cycle().await.succeeded());
+    let wire = p.wire_text();
+    for forbidden in ["password_hash", "argon2id", "mfa_secret", "internal_notes", "internal note", "national_id", "tax_secret", "TOPSECRET"] {
+        assert!(!wire.contains(forbidden), "{forbidden} travelled on the wire");
+    }
+    let m = p.mirror().await;
+    let n: i64 = m
+        .query_one("SELECT count(*) FROM information_schema.columns WHERE table_schema = 'mirror_acme' AND column_name IN ('password_hash', 'mfa_secret', 'internal_notes', 'national_id', 'tax_secret')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn a_failing_table_is_reported_and_the_others_go_on() {
+    let sql = format!("{SIMPLE_SQL} CREATE TABLE nokey (a int, b text); INSERT INTO nokey VALUES (1, 'x');");
+    let map = r#"
+application = "crm_insights"
+[[table]]
+table = "nokey"
+columns = ["a", "b"]
+[[table]]
+table = "missing_table"
+columns = ["a"]
+[[table]]
+table = "item"
+columns = ["id", "name", "ghost_column"]
+[[table]]
+table = "item"
+mirror = "item_ok"
+columns = ["id", "qty"]
+"#;
+    // The last two map one source table twice under two mirror names.
+    let map = map.replacen("[[table]]\ntable = \"item\"\nmirror", "[[table]]\nschema = \"public\"\ntable = \"item\"\nmirror", 1);
+    let p = Pipeline::start("one_fails", &sql, &map).await;
+    let r = p.cycle().await;
+    assert!(!r.succeeded());
+    let err = |n: &str| r.tables.iter().find(|t| t.table == n).unwrap().error.clone();
+    assert!(err("nokey").unwrap().message.contains("no primary key"), "{:?}", err("nokey"));
+    assert_eq!(err("nokey").unwrap().kind, AgentErrorKind::Config);
+    assert!(err("missing_table").unwrap().message.contains("not found"), "{:?}", err("missing_table"));
+    assert!(err("item").unwrap().message.contains("ghost_column"), "{:?}", err("item"));
+    assert!(err("item_ok").is_none());
+    let n: i64 = p.mirror().await.query_one("SELECT count(*) FROM mirror_acme.item_ok", &[]).await.unwrap().get(0);
+    assert_eq!(n, 500);
+}
+
+#[tokio::test]
+async fn expired_cursor_is_a_clear_table_error() {
+    let mut p = Pipeline::start("expired", SIMPLE_SQL, SIMPLE_MAP).await;
+    assert!(p.cycle().await.succeeded());
+    p.source().await.batch_execute("DELETE FROM item WHERE id < 10").await.unwrap();
+    // Zero retention: the next maintenance forgets every change so far.
+    p.retention = std::time::Duration::ZERO;
+    {
+        use ctmirror::source::Source;
+        p.wait_quiet().await;
+        let mut s = p.connect_source().await;
+        s.maintain().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        p.source().await.batch_execute("UPDATE item SET qty = 0 WHERE id = 100").await.unwrap();
+        p.wait_quiet().await;
+        s.maintain().await.unwrap();
+    }
+    let r = p.cycle().await;
+    let e = r.tables[0].error.clone().expect("expired cursor must fail the table");
+    assert_eq!(e.kind, AgentErrorKind::NeedsReload);
+    assert!(e.message.contains("oldest retained change"), "{e}");
+}
+
+#[tokio::test]
+async fn paused_receiver_skips_the_cycle() {
+    let opts = Options { paused: Some("maintenance".into()), ..Options::default() };
+    let p = Pipeline::start_with("paused", SIMPLE_SQL, SIMPLE_MAP, opts).await;
+    let r = p.cycle().await;
+    assert_eq!(r.paused.as_deref(), Some("maintenance"));
+    assert!(r.tables.is_empty());
+    let n: i64 = p.mirror().await.query_one("SELECT count(*) FROM pg_namespace WHERE nspname = 'mirror_acme'", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn changed_source_schema_is_refused_clearly_until_evolution_exists() {
+    let p = Pipeline::start("schema_change", SIMPLE_SQL, SIMPLE_MAP).await;
+    assert!(p.cycle().await.succeeded());
+    p.source().await.batch_execute("ALTER TABLE item ALTER COLUMN qty TYPE bigint").await.unwrap();
+    let r = p.cycle().await;
+    let e = r.tables[0].error.clone().expect("changed schema must fail the table");
+    assert_eq!(e.kind, AgentErrorKind::Refused);
+    assert!(e.message.contains("schema"), "{e}");
+}
+
+#[tokio::test]
+async fn table_dropped_from_the_map_is_dropped_from_the_mirror() {
+    let sql = format!("{SIMPLE_SQL} CREATE TABLE extra (id int PRIMARY KEY); INSERT INTO extra VALUES (1);");
+    let map2 = format!("{SIMPLE_MAP}\n[[table]]\ntable = \"extra\"\ncolumns = [\"id\"]\n");
+    let mut p = Pipeline::start("drop_table", &sql, &map2).await;
+    assert!(p.cycle().await.succeeded());
+    p.map = ctmirror::schema_map::SchemaMap::parse(SIMPLE_MAP, "m").unwrap();
+    let r = p.cycle().await;
+    assert_eq!(r.dropped, vec!["extra".to_string()]);
+    let n: i64 = p.mirror().await.query_one("SELECT count(*) FROM pg_tables WHERE schemaname = 'mirror_acme' AND tablename = 'extra'", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn a_table_that_cannot_be_read_is_not_dropped() {
+    let p = Pipeline::start("skip_not_drop", SIMPLE_SQL, SIMPLE_MAP).await;
+    assert!(p.cycle().await.succeeded());
+    // The mapped column disappears at the source: the table fails this cycle,
+    // but the receiver must keep its mirror.
+    p.source().await.batch_execute("ALTER TABLE item RENAME COLUMN qty TO quantity").await.unwrap();
+    let r = p.cycle().await;
+    assert!(r.tables[0].error.is_some());
+    assert!(r.dropped.is_empty());
+    let n: i64 = p.mirror().await.query_one("SELECT count(*) FROM mirror_acme.item", &[]).await.unwrap().get(0);
+    assert_eq!(n, 500);
+}
+
+#[tokio::test]
+async fn wrong_keys_fail_authentication_and_write_nothing() {
+    use ctmirror::agent::PartnerClient;
+    use ctmirror::auth::{Keypair, RequestSigner};
+    let p = Pipeline::start("wrong_keys", SIMPLE_SQL, SIMPLE_MAP).await;
+    let app: ctmirror::ids::AppId = "crm_insights".parse().unwrap();
+    let timeout = std::time::Duration::from_secs(5);
+    // An agent key the receiver does not know: the receiver refuses.
+    let signer = RequestSigner { key: Keypair::generate(), tenant: p.tenant.clone(), app: app.clone() };
+    let stranger = PartnerClient::new(&p.receiver_url, signer, p.partner_public, timeout).unwrap();
+    let e = stranger.authenticate().await.unwrap_err();
+    assert_eq!(e.kind, AgentErrorKind::Auth, "{e}");
+    assert!(e.message.contains("401"), "{e}");
+    // The right agent key, but the answer is checked against another partner
+    // key: the agent refuses to go on.
+    let signer = RequestSigner { key: p.agent_key.clone(), tenant: p.tenant.clone(), app };
+    let fooled = PartnerClient::new(&p.receiver_url, signer, Keypair::generate().public(), timeout).unwrap();
+    let e = fooled.authenticate().await.unwrap_err();
+    assert_eq!(e.kind, AgentErrorKind::Auth, "{e}");
+    assert!(e.message.contains("did not verify"), "{e}");
+    let n: i64 = p.mirror().await.query_one("SELECT count(*) FROM pg_namespace WHERE nspname = 'mirror_acme'", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0);
+}
