@@ -1,0 +1,204 @@
+//! The `ctmirror` binary: keygen, a full sync through a receiver process, and
+//! garbage on the command line and in config files.
+
+mod harness;
+
+use harness::support::TestDb;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ctmirror"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("ctmirror runs")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn scratch(label: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ctm-cli-{label}-{}", ctmirror::auth::new_nonce()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn keygen_writes_a_private_and_a_public_key_and_refuses_to_overwrite() {
+    let dir = scratch("keygen");
+    let stem = dir.join("keys/agent");
+    let o = run(&["keygen", "--out", stem.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let private = std::fs::read_to_string(dir.join("keys/agent.key")).unwrap();
+    assert!(!text(&o).contains(private.trim()), "keygen must not print the private key");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("keys/agent.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let again = run(&["keygen", "--out", stem.to_str().unwrap()]);
+    assert!(!again.status.success());
+    assert!(text(&again).contains("cannot write key file"), "{}", text(&again));
+}
+
+#[test]
+fn garbage_flags_are_refused_with_usage_errors() {
+    for args in [
+        vec!["sync"],
+        vec!["sync", "--config", "x.toml", "--tenant", "Not Valid", "--app", "crm"],
+        vec!["sync", "--config", "x.toml", "--tenant", "acme", "--app", "a;b"],
+        vec!["frobnicate"],
+        vec!["keygen"],
+        vec!["receiver", "--config"],
+    ] {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
+    }
+    let o = run(&["sync", "--config", "x.toml", "--tenant", "Not Valid", "--app", "crm"]);
+    assert!(text(&o).contains("invalid tenant id"), "{}", text(&o));
+}
+
+#[test]
+fn bad_config_files_fail_clearly() {
+    let dir = scratch("badcfg");
+    let missing = dir.join("nope.toml");
+    let o = run(&["sync", "--config", missing.to_str().unwrap(), "--tenant", "acme", "--app", "crm"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("cannot read config"), "{}", text(&o));
+
+    let garbage = dir.join("garbage.toml");
+    std::fs::write(&garbage, "[agent\nthis is not toml").unwrap();
+    let o = run(&["sync", "--config", garbage.to_str().unwrap(), "--tenant", "acme", "--app", "crm"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("is invalid"), "{}", text(&o));
+
+    let receiver_only = dir.join("receiver.toml");
+    std::fs::write(&receiver_only, "[receiver]\nlisten=\"127.0.0.1:1\"\ndatabase_url=\"x\"\napplication=\"a\"\nprivate_key=\"k\"\nagent_public_key=\"p\"\n").unwrap();
+    let o = run(&["sync", "--config", receiver_only.to_str().unwrap(), "--tenant", "acme", "--app", "crm"]);
+    assert!(text(&o).contains("no [agent] section"), "{}", text(&o));
+
+    let bad_key = dir.join("badkey.toml");
+    std::fs::write(dir.join("agent.key"), "definitely not a key").unwrap();
+    std::fs::write(&bad_key, "[receiver]\nlisten=\"127.0.0.1:1\"\ndatabase_url=\"postgres://127.0.0.1:1/x\"\napplication=\"a\"\nprivate_key=\"agent.key\"\nagent_public_key=\"agent.key\"\n").unwrap();
+    let o = run(&["receiver", "--config", bad_key.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("not valid"), "{}", text(&o));
+    assert!(!text(&o).contains("definitely not a key"), "key file content leaked: {}", text(&o));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn write_config(dir: &Path, port: u16, source_url: &str, mirror_url: &str) -> PathBuf {
+    let map = Path::new(env!("CARGO_MANIFEST_DIR")).join("schema-maps/crm_insights.toml");
+    let cfg = format!(
+        r#"
+[receiver]
+listen = "127.0.0.1:{port}"
+database_url = "env:CTM_CLI_MIRROR_URL"
+application = "crm_insights"
+private_key = "keys/partner.key"
+agent_public_key = "keys/agent.pub"
+
+[agent]
+private_key = "keys/agent.key"
+batch_rows = 700
+
+[[agent.tenant]]
+id = "acme"
+source = "postgres"
+url = "{source_url}"
+
+[[agent.application]]
+id = "crm_insights"
+receiver_url = "http://127.0.0.1:{port}"
+partner_public_key = "keys/partner.pub"
+schema_map = "{}"
+tenants = ["acme"]
+"#,
+        map.display()
+    );
+    let _ = mirror_url;
+    let path = dir.join("ctmirror.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn sync_through_a_receiver_process_mirrors_the_tenant_and_exits_zero() {
+    let source = TestDb::create("cli_src").await;
+    let mirror = TestDb::create("cli_dst").await;
+    source.client().await.batch_execute(&harness::sample_crm_sql(0.02)).await.unwrap();
+    let dir = scratch("sync");
+    for who in ["agent", "partner"] {
+        assert!(run(&["keygen", "--out", dir.join("keys").join(who).to_str().unwrap()]).status.success());
+    }
+    let port = free_port();
+    let cfg = write_config(&dir, port, &source.url, &mirror.url);
+    let cfg_s = cfg.to_str().unwrap();
+    let _receiver = Child(
+        bin()
+            .args(["receiver", "--config", cfg_s])
+            .env("CTM_CLI_MIRROR_URL", &mirror.url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = run(&["sync", "--config", cfg_s, "--tenant", "acme", "--app", "crm_insights"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("contact"), "{}", text(&o));
+
+    let o = run(&["sync", "--config", cfg_s, "--tenant", "acme", "--app", "crm_insights", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("--json prints JSON");
+    assert_eq!(report["succeeded"], true);
+    assert!(report["tables"].as_array().unwrap().iter().all(|t| t["mode"] == "idle"), "{report}");
+
+    let o = run(&["verify", "--config", cfg_s, "--tenant", "acme", "--app", "crm_insights", "--mirror-url", &mirror.url]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(text(&o).matches(" yes").count(), 6, "{}", text(&o));
+
+    // A table the agent cannot read makes the exit code non-zero.
+    source.client().await.batch_execute("ALTER TABLE sale DROP COLUMN heading").await.unwrap();
+    let o = run(&["sync", "--config", cfg_s, "--tenant", "acme", "--app", "crm_insights"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("heading"), "{}", text(&o));
+
+    // Unknown tenant: a clear error, exit 1.
+    let o = run(&["sync", "--config", cfg_s, "--tenant", "ghost", "--app", "crm_insights"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("tenant ghost is not configured"), "{}", text(&o));
+}
+
+#[tokio::test]
+async fn sync_against_a_dead_receiver_fails_with_a_transient_error() {
+    let source = TestDb::create("cli_dead").await;
+    source.client().await.batch_execute(&harness::sample_crm_sql(0.01)).await.unwrap();
+    let dir = scratch("dead");
+    for who in ["agent", "partner"] {
+        assert!(run(&["keygen", "--out", dir.join("keys").join(who).to_str().unwrap()]).status.success());
+    }
+    let cfg = write_config(&dir, free_port(), &source.url, "unused");
+    let o = run(&["sync", "--config", cfg.to_str().unwrap(), "--tenant", "acme", "--app", "crm_insights"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("POST http://127.0.0.1"), "{}", text(&o));
+}
