@@ -14,3 +14,4 @@ pub mod protocol;
 pub mod receiver;
 pub mod schema_map;
 pub mod source;
+pub mod verify;

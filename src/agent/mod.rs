@@ -12,3 +12,53 @@ pub use cycle::{run_cycle, CycleSettings};
 pub use error::{AgentError, AgentErrorKind};
 pub use report::{CycleReport, TableOutcome};
 
+use crate::auth::{Keypair, PublicKey, RequestSigner};
+use crate::config::{resolve_secret, AgentConfig, SourceKind};
+use crate::ids::{AppId, TenantId};
+use crate::schema_map::SchemaMap;
+use crate::source::postgres::PostgresSource;
+use crate::source::ChunkLimits;
+use std::time::Duration;
+use tracing::Instrument;
+
+/// One cycle for one configured tenant and application: what `ctmirror sync`
+/// runs.
+pub async fn sync_once(cfg: &AgentConfig, tenant: &TenantId, app: &AppId) -> Result<CycleReport, AgentError> {
+    let config_err = |m: String| AgentError::new(AgentErrorKind::Config, m);
+    let tenant_cfg = cfg.tenant(tenant).ok_or_else(|| config_err(format!("tenant {tenant} is not configured")))?;
+    let app_cfg = cfg.application(app).ok_or_else(|| config_err(format!("application {app} is not configured")))?;
+    if !app_cfg.tenants.contains(tenant) {
+        return Err(config_err(format!("tenant {tenant} has not approved application {app}")));
+    }
+    let map = SchemaMap::load(&app_cfg.schema_map).map_err(|e| config_err(e.to_string()))?;
+    if &map.application != app {
+        return Err(config_err(format!(
+            "schema map {} is for application {}, not {app}",
+            app_cfg.schema_map.display(),
+            map.application
+        )));
+    }
+    let key = Keypair::load(&cfg.private_key).map_err(|e| config_err(e.to_string()))?;
+    let partner_key = PublicKey::load(&app_cfg.partner_public_key).map_err(|e| config_err(e.to_string()))?;
+    let signer = RequestSigner { key, tenant: tenant.clone(), app: app.clone() };
+    let client = PartnerClient::new(
+        &app_cfg.receiver_url,
+        signer,
+        partner_key,
+        Duration::from_secs(cfg.request_timeout_secs),
+    )?;
+    let settings = CycleSettings { limits: ChunkLimits { max_rows: cfg.batch_rows, max_bytes: cfg.batch_bytes } };
+    let url = resolve_secret(&tenant_cfg.url).map_err(|e| config_err(e.to_string()))?;
+    let span = tracing::info_span!("cycle", tenant = %tenant, app = %app);
+    async {
+        match tenant_cfg.source {
+            SourceKind::Postgres => {
+                let retention = Duration::from_secs(u64::from(cfg.change_retention_hours) * 3600);
+                let mut source = PostgresSource::connect(&url, retention).await?;
+                run_cycle(&mut source, &client, &map, tenant.as_str(), settings).await
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,168 @@
+//! Turning change tracking on for a table, and the registry reads that
+//! depend on it (min valid version, the side table of a tracked table).
+
+use super::catalog::{display, find_table, no_primary_key, primary_key, KeyColumn, TableRef};
+use super::errors::pg_error;
+use super::install::INSTALL_LOCK;
+use super::sql::{DELETED_COL, VERSION_COL};
+use super::triggers::{drop_sql, install_sql, side_table_name, TRIGGERS};
+use crate::protocol::Version;
+use crate::source::{SourceError, SourceTable, TrackingState};
+use tokio_postgres::{Client, GenericClient, Transaction};
+
+/// Enables tracking (idempotent). An already tracked table whose side table
+/// no longer matches its primary key, or whose triggers were dropped or
+/// disabled, has missed changes: it is reinstalled and reported as newly
+/// enabled so the agent reloads it.
+pub(crate) async fn ensure_tracking(
+    client: &mut Client,
+    table: &SourceTable,
+) -> Result<TrackingState, SourceError> {
+    let shown = display(table);
+    let doing = format!("enabling change tracking on table {shown}");
+    let grant =
+        format!("ownership of table {shown} (creating triggers needs it) and CREATE on schema ctmirror_ct");
+    let err = |e| pg_error(e, &doing, &grant);
+    let tx = client.transaction().await.map_err(err)?;
+    // Creating triggers waits for the table's writers; give up rather than
+    // queue every later writer behind us forever.
+    tx.batch_execute("SET LOCAL lock_timeout = '30s'").await.map_err(err)?;
+    tx.execute("SELECT pg_catalog.pg_advisory_xact_lock($1)", &[&INSTALL_LOCK]).await.map_err(err)?;
+    let tref = find_table(&tx, table).await?;
+    let key = primary_key(&tx, &tref).await?;
+    if key.is_empty() {
+        return Err(no_primary_key(&tref));
+    }
+    if let Some(k) = key.iter().find(|k| k.name == VERSION_COL || k.name == DELETED_COL) {
+        return Err(SourceError::config(format!(
+            "primary key column {} of table {shown} collides with ctmirror's side-table column of \
+             that name; change tracking cannot be enabled",
+            k.name
+        )));
+    }
+    let registered = tx
+        .query_opt("SELECT side_table FROM ctmirror_ct.tracked WHERE table_oid = $1", &[&tref.oid])
+        .await
+        .map_err(err)?;
+    if let Some(row) = registered {
+        let side: String = row.try_get(0).map_err(err)?;
+        if is_healthy(&tx, &tref, &side, &key).await.map_err(err)? {
+            // A renamed table keeps its oid, side table and triggers.
+            tx.execute(
+                "UPDATE ctmirror_ct.tracked SET schema_name = $2, table_name = $3
+                  WHERE table_oid = $1 AND (schema_name, table_name) IS DISTINCT FROM ($2, $3)",
+                &[&tref.oid, &tref.schema, &tref.name],
+            )
+            .await
+            .map_err(err)?;
+            tx.commit().await.map_err(err)?;
+            return Ok(TrackingState { newly_enabled: false });
+        }
+        tracing::warn!(table = %shown, "change tracking was damaged (key changed or triggers missing); reinstalling");
+        for statement in drop_sql(tref.oid, Some(&tref)) {
+            tx.batch_execute(&statement).await.map_err(err)?;
+        }
+        tx.execute("DELETE FROM ctmirror_ct.tracked WHERE table_oid = $1", &[&tref.oid])
+            .await
+            .map_err(err)?;
+    }
+    for statement in install_sql(&tref, &key) {
+        tx.batch_execute(&statement).await.map_err(err)?;
+    }
+    // The enabling transaction's own id: every write after the triggers
+    // exist has a version above every cursor handed out before.
+    tx.execute(
+        "INSERT INTO ctmirror_ct.tracked
+                (table_oid, schema_name, table_name, side_table, enabled_version, min_valid_version)
+         SELECT $1, $2, $3, $4, v, v
+           FROM (SELECT pg_catalog.pg_current_xact_id()::text::bigint AS v) AS x",
+        &[&tref.oid, &tref.schema, &tref.name, &side_table_name(tref.oid)],
+    )
+    .await
+    .map_err(err)?;
+    tx.commit().await.map_err(err)?;
+    Ok(TrackingState { newly_enabled: true })
+}
+
+/// Whether the side table's key columns still equal the table's primary key
+/// (names, types, typmods, collations, order) and all four triggers exist
+/// and fire.
+async fn is_healthy(
+    tx: &Transaction<'_>,
+    table: &TableRef,
+    side: &str,
+    key: &[KeyColumn],
+) -> Result<bool, tokio_postgres::Error> {
+    let rows = tx
+        .query(
+            "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attcollation
+               FROM pg_catalog.pg_attribute a
+               JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'ctmirror_ct' AND c.relname = $1
+                AND a.attnum > 0 AND NOT a.attisdropped
+                AND a.attname::text NOT IN ($2::text, $3::text)
+              ORDER BY a.attnum",
+            &[&side, &VERSION_COL, &DELETED_COL],
+        )
+        .await?;
+    let mut side_key = Vec::with_capacity(rows.len());
+    for r in &rows {
+        side_key.push((
+            r.try_get::<_, String>(0)?,
+            r.try_get::<_, u32>(1)?,
+            r.try_get::<_, i32>(2)?,
+            r.try_get::<_, u32>(3)?,
+        ));
+    }
+    let source_key: Vec<_> =
+        key.iter().map(|k| (k.name.clone(), k.type_oid, k.typmod, k.collation)).collect();
+    if side_key != source_key {
+        return Ok(false);
+    }
+    let names: Vec<&str> = TRIGGERS.iter().map(|(n, _)| *n).collect();
+    let firing: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM pg_catalog.pg_trigger
+              WHERE tgrelid = $1 AND tgname::text = ANY($2::text[]) AND tgenabled::text IN ('O', 'A')",
+            &[&table.oid, &names],
+        )
+        .await?
+        .try_get(0)?;
+    Ok(firing == names.len() as i64)
+}
+
+/// A tracked table's registry entry.
+pub(crate) struct Tracked {
+    pub side_table: String,
+    pub min_valid_version: Version,
+}
+
+/// Looks a table up in the registry; not tracked is a configuration error
+/// (the cycle enables tracking before reading).
+pub(crate) async fn tracked<C: GenericClient + Sync>(
+    client: &C,
+    table: &SourceTable,
+) -> Result<Tracked, SourceError> {
+    let tref = find_table(client, table).await?;
+    let shown = tref.display();
+    let row = client
+        .query_opt(
+            "SELECT side_table, min_valid_version FROM ctmirror_ct.tracked WHERE table_oid = $1",
+            &[&tref.oid],
+        )
+        .await
+        .map_err(|e| {
+            pg_error(
+                e,
+                &format!("reading the change-tracking registry for table {shown}"),
+                "USAGE and SELECT on schema ctmirror_ct",
+            )
+        })?;
+    let Some(row) = row else {
+        return Err(SourceError::config(format!("change tracking is not enabled on table {shown}")));
+    };
+    let side_table: String = row.try_get(0).map_err(|e| pg_error(e, &shown, ""))?;
+    let min_valid: i64 = row.try_get(1).map_err(|e| pg_error(e, &shown, ""))?;
+    Ok(Tracked { side_table, min_valid_version: Version(min_valid) })
+}

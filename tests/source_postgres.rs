@@ -1,0 +1,888 @@
+//! The PostgreSQL source backend against a real server: change tracking
+//! installation, schema reading, snapshot and change chunks, retention.
+//! Each test creates its own database (see `support`).
+
+mod support;
+
+use ctmirror::protocol::{ColumnType, Key, Value, Version};
+use ctmirror::source::postgres::PostgresSource;
+use ctmirror::source::{
+    ChangePosition, ChangeRow, ChunkLimits, RowOp, Source, SourceErrorKind, SourceSchema, SourceTable,
+};
+use std::time::Duration;
+use support::TestDb;
+use tokio_postgres::Client;
+
+const HOUR: Duration = Duration::from_secs(3600);
+const WIDE_OPEN: ChunkLimits = ChunkLimits { max_rows: 1_000_000, max_bytes: usize::MAX / 2 };
+
+fn table(name: &str) -> SourceTable {
+    SourceTable { schema: None, name: name.into() }
+}
+
+fn cols(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+fn int(i: i64) -> Value {
+    Value::Int(i)
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.into())
+}
+
+/// A fresh database with `ddl` applied, an admin client and a source.
+async fn setup(label: &str, ddl: &str) -> (TestDb, Client, PostgresSource) {
+    let db = TestDb::create(label).await;
+    let client = db.client().await;
+    client.batch_execute(ddl).await.expect("ddl");
+    let source = PostgresSource::connect(&db.url, HOUR).await.expect("connect");
+    (db, client, source)
+}
+
+/// Enables tracking and reads the schema of the named columns.
+async fn track(source: &mut PostgresSource, t: &SourceTable, columns: &[&str]) -> SourceSchema {
+    source.ensure_tracking(t).await.expect("ensure_tracking");
+    source.read_schema(t, &cols(columns)).await.expect("read_schema")
+}
+
+/// The id of the transaction `sql` runs in, committed.
+async fn write(client: &mut Client, sql: &str) -> i64 {
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute(sql).await.unwrap();
+    let v: i64 = tx.query_one("SELECT pg_current_xact_id()::text::bigint", &[]).await.unwrap().get(0);
+    tx.commit().await.unwrap();
+    v
+}
+
+/// Waits until every transaction begun so far is final and returns the
+/// current version. Versions are cluster-wide transaction ids, so a test
+/// running in parallel with an open transaction holds everyone's current
+/// version back for a moment.
+async fn settle(source: &mut PostgresSource, client: &Client) -> Version {
+    let next: i64 = client
+        .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for _ in 0..600 {
+        let v = source.current_version().await.unwrap();
+        if v.0 >= next - 1 {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("transactions before {next} did not finish within 30 s");
+}
+
+/// Every change after `from` up to the settled current version.
+async fn drain_changes(
+    source: &mut PostgresSource,
+    client: &Client,
+    schema: &SourceSchema,
+    from: Version,
+    max_rows: usize,
+) -> Vec<ChangeRow> {
+    let upper = settle(source, client).await;
+    drain_changes_upto(source, schema, from, upper, max_rows).await
+}
+
+/// Every change after `from` up to `upper`, read in chunks of `max_rows`
+/// through cursors that stand inside versions.
+async fn drain_changes_upto(
+    source: &mut PostgresSource,
+    schema: &SourceSchema,
+    from: Version,
+    upper: Version,
+    max_rows: usize,
+) -> Vec<ChangeRow> {
+    let mut pos = ChangePosition { version: from, after_key: None };
+    let mut out = Vec::new();
+    loop {
+        let limits = ChunkLimits { max_rows, max_bytes: usize::MAX / 2 };
+        let chunk = source.changes_chunk(schema, &pos, upper, limits).await.unwrap();
+        let Some(last) = chunk.last() else { break };
+        pos = ChangePosition { version: last.version, after_key: Some(last.key.clone()) };
+        out.extend(chunk);
+    }
+    out
+}
+
+/// Every row of a snapshot, in chunks of `max_rows`.
+async fn drain_snapshot(
+    source: &mut PostgresSource,
+    schema: &SourceSchema,
+    max_rows: usize,
+) -> Vec<Vec<Value>> {
+    let mut after: Option<Key> = None;
+    let mut out = Vec::new();
+    loop {
+        let limits = ChunkLimits { max_rows, max_bytes: usize::MAX / 2 };
+        let chunk = source.snapshot_chunk(schema, after.as_ref(), limits).await.unwrap();
+        let Some(last) = chunk.last() else { break };
+        after = Some(schema.key_of(last));
+        out.extend(chunk);
+    }
+    out
+}
+
+#[tokio::test]
+async fn enabling_is_idempotent_and_installs_into_ctmirror_ct() {
+    let (db, client, mut source) =
+        setup("enable_idempotent", "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    assert!(source.ensure_tracking(&table("t")).await.unwrap().newly_enabled);
+    assert!(!source.ensure_tracking(&table("t")).await.unwrap().newly_enabled);
+    let mut other = PostgresSource::connect(&db.url, HOUR).await.unwrap();
+    assert!(!other.ensure_tracking(&table("t")).await.unwrap().newly_enabled);
+
+    let tracked: i64 =
+        client.query_one("SELECT count(*) FROM ctmirror_ct.tracked", &[]).await.unwrap().get(0);
+    assert_eq!(tracked, 1);
+    let outside: Vec<String> = client
+        .query(
+            "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast', 'ctmirror_ct')
+                AND c.relname <> 't' AND c.relname <> 't_pkey'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(outside.is_empty(), "objects outside ctmirror_ct: {outside:?}");
+    let functions: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = 'ctmirror_ct' AND p.prosecdef",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(functions, 4);
+    let min_valid = source.min_valid_version(&table("t")).await.unwrap();
+    let enabled: i64 =
+        client.query_one("SELECT enabled_version FROM ctmirror_ct.tracked", &[]).await.unwrap().get(0);
+    assert_eq!(min_valid, Version(enabled));
+}
+
+#[tokio::test]
+async fn two_agents_enabling_at_once_enable_exactly_once() {
+    let db = TestDb::create("enable_race").await;
+    db.client().await.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let url = db.url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = PostgresSource::connect(&url, HOUR).await.unwrap();
+            s.ensure_tracking(&table("t")).await.unwrap().newly_enabled
+        }));
+    }
+    let mut enabled = 0;
+    for t in tasks {
+        enabled += t.await.unwrap() as usize;
+    }
+    assert_eq!(enabled, 1);
+}
+
+#[tokio::test]
+async fn table_without_primary_key_is_refused_with_a_clear_error() {
+    let (_db, _c, mut source) = setup("no_pk", "CREATE TABLE loose (id int, v text)").await;
+    let e = source.ensure_tracking(&table("loose")).await.unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Config);
+    assert!(
+        e.message.contains("public.loose has no primary key; change tracking needs one"),
+        "{}",
+        e.message
+    );
+    let e = source.read_schema(&table("loose"), &cols(&["id"])).await.unwrap_err();
+    assert!(e.message.contains("no primary key"), "{}", e.message);
+}
+
+#[tokio::test]
+async fn missing_table_is_refused_naming_it() {
+    let (_db, _c, mut source) = setup("missing_table", "").await;
+    let e = source.ensure_tracking(&table("ghost")).await.unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Config);
+    assert!(e.message.contains("table public.ghost not found"), "{}", e.message);
+    let e = source.read_schema(&table("ghost"), &cols(&["id"])).await.unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Config);
+    let e = source.min_valid_version(&table("ghost")).await.unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Config);
+}
+
+#[tokio::test]
+async fn untracked_table_has_no_min_valid_version() {
+    let (_db, _c, mut source) = setup("untracked", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let e = source.min_valid_version(&table("t")).await.unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Config);
+    assert!(e.message.contains("not enabled on table public.t"), "{}", e.message);
+}
+
+#[tokio::test]
+async fn schema_of_every_supported_type_is_mapped() {
+    let ddl = "
+        CREATE TYPE mood AS ENUM ('sad', 'happy');
+        CREATE DOMAIN short_code AS varchar(10);
+        CREATE TABLE all_types (
+            id bigint PRIMARY KEY, b boolean NOT NULL, i2 smallint, i4 integer, f4 real, f8 double precision,
+            n numeric(12,3), nu numeric, t text, vc varchar(20), vcu varchar, c char(3), by bytea, d date,
+            tm time(3), tmu time, ts timestamp(0), tsu timestamp, tz timestamptz(6), u uuid, j json, jb jsonb,
+            m mood, sc short_code
+        )";
+    let (_db, _c, mut source) = setup("all_types", ddl).await;
+    let names = [
+        "id", "b", "i2", "i4", "f4", "f8", "n", "nu", "t", "vc", "vcu", "c", "by", "d", "tm", "tmu", "ts",
+        "tsu", "tz", "u", "j", "jb", "m", "sc",
+    ];
+    let schema = source.read_schema(&table("all_types"), &cols(&names)).await.unwrap();
+    use ColumnType as T;
+    let expected = vec![
+        T::Int64,
+        T::Bool,
+        T::Int16,
+        T::Int32,
+        T::Float32,
+        T::Float64,
+        T::Decimal { precision: Some(12), scale: Some(3) },
+        T::Decimal { precision: None, scale: None },
+        T::Text { max_length: None },
+        T::Text { max_length: Some(20) },
+        T::Text { max_length: None },
+        T::FixedText { length: 3 },
+        T::Bytes { max_length: None },
+        T::Date,
+        T::Time { precision: Some(3) },
+        T::Time { precision: None },
+        T::Timestamp { precision: Some(0) },
+        T::Timestamp { precision: None },
+        T::TimestampTz { precision: Some(6) },
+        T::Uuid,
+        T::Json,
+        T::Json,
+        T::Text { max_length: None },
+        T::Text { max_length: Some(10) },
+    ];
+    let got: Vec<ColumnType> = schema.columns.iter().map(|c| c.column.data_type.clone()).collect();
+    assert_eq!(got, expected);
+    let got_names: Vec<&str> = schema.columns.iter().map(|c| c.column.name.as_str()).collect();
+    assert_eq!(got_names, names);
+    assert_eq!(schema.primary_key, vec!["id"]);
+    assert!(!schema.columns[0].column.nullable && !schema.columns[1].column.nullable);
+    assert!(schema.columns[2].column.nullable);
+    assert_eq!(schema.columns[9].native_type, "character varying(20)");
+    assert_eq!(schema.columns[6].native_type, "numeric(12,3)");
+    assert_eq!(schema.columns[22].native_type, "public.mood");
+    assert!(schema.to_protocol("all_types").validate().is_ok());
+}
+
+#[tokio::test]
+async fn unsupported_type_is_refused_naming_the_column() {
+    let ddl = "CREATE TABLE odd_types (id int PRIMARY KEY, span interval, tags text[], ok text)";
+    let (_db, _c, mut source) = setup("unsupported", ddl).await;
+    let e = source.read_schema(&table("odd_types"), &cols(&["id", "span"])).await.unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Config);
+    assert!(
+        e.message.contains("column \"span\" of table public.odd_types has type interval, which ctmirror cannot mirror; leave it out of the schema map"),
+        "{}",
+        e.message
+    );
+    let e = source.read_schema(&table("odd_types"), &cols(&["id", "tags"])).await.unwrap_err();
+    assert!(e.message.contains("\"tags\"") && e.message.contains("text[]"), "{}", e.message);
+    // Leaving them out is enough.
+    assert!(source.read_schema(&table("odd_types"), &cols(&["id", "ok"])).await.is_ok());
+}
+
+#[tokio::test]
+async fn unmapped_primary_key_column_is_refused() {
+    let ddl = "CREATE TABLE lines (order_id int, line int, v text, PRIMARY KEY (order_id, line))";
+    let (_db, _c, mut source) = setup("unmapped_pk", ddl).await;
+    let e = source.read_schema(&table("lines"), &cols(&["order_id", "v"])).await.unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Config);
+    assert!(
+        e.message.contains("primary key column \"line\" of table public.lines must be mapped"),
+        "{}",
+        e.message
+    );
+}
+
+#[tokio::test]
+async fn missing_named_column_is_refused_naming_it() {
+    let (_db, _c, mut source) = setup("missing_column", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let e = source.read_schema(&table("t"), &cols(&["id", "nope"])).await.unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Config);
+    assert!(e.message.contains("column \"nope\" of table public.t does not exist"), "{}", e.message);
+}
+
+#[tokio::test]
+async fn only_named_columns_appear_in_schema_and_chunks() {
+    let ddl = "CREATE TABLE users (name text, id int PRIMARY KEY, password_hash text);
+               INSERT INTO users VALUES ('ann', 1, 'SECRET')";
+    let (_db, mut client, mut source) = setup("deny_by_default", ddl).await;
+    // Named out of table order: the schema follows the table's order.
+    let schema = track(&mut source, &table("users"), &["id", "name"]).await;
+    let names: Vec<&str> = schema.columns.iter().map(|c| c.column.name.as_str()).collect();
+    assert_eq!(names, ["name", "id"]);
+    let rows = drain_snapshot(&mut source, &schema, 10).await;
+    assert_eq!(rows, vec![vec![text("ann"), int(1)]]);
+    let from = source.min_valid_version(&table("users")).await.unwrap();
+    write(&mut client, "UPDATE users SET password_hash = 'NEW SECRET', name = 'bob'").await;
+    let changes = drain_changes(&mut source, &client, &schema, from, 10).await;
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].op, RowOp::Upsert(vec![text("bob"), int(1)]));
+    assert!(!format!("{changes:?}{rows:?}").contains("SECRET"));
+}
+
+#[tokio::test]
+async fn net_changes_keep_one_row_per_key_with_the_latest_version() {
+    let (_db, mut client, mut source) =
+        setup("net_changes", "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let schema = track(&mut source, &table("t"), &["id", "v"]).await;
+    let from = source.min_valid_version(&table("t")).await.unwrap();
+    write(&mut client, "INSERT INTO t VALUES (1, 'a'), (2, 'b'), (3, 'c')").await;
+    write(&mut client, "UPDATE t SET v = 'a2' WHERE id = 1").await;
+    let last_update = write(&mut client, "UPDATE t SET v = 'a3' WHERE id = 1").await;
+    let delete = write(&mut client, "DELETE FROM t WHERE id = 2").await;
+    write(&mut client, "DELETE FROM t WHERE id = 3").await;
+    let reinsert = write(&mut client, "INSERT INTO t VALUES (3, 'c again')").await;
+
+    let changes = drain_changes(&mut source, &client, &schema, from, 2).await;
+    assert_eq!(
+        changes,
+        vec![
+            ChangeRow {
+                version: Version(last_update),
+                key: Key(vec![int(1)]),
+                op: RowOp::Upsert(vec![int(1), text("a3")])
+            },
+            ChangeRow { version: Version(delete), key: Key(vec![int(2)]), op: RowOp::Delete },
+            ChangeRow {
+                version: Version(reinsert),
+                key: Key(vec![int(3)]),
+                op: RowOp::Upsert(vec![int(3), text("c again")])
+            },
+        ]
+    );
+    // Past the last update, only later changes remain.
+    let later = drain_changes(&mut source, &client, &schema, Version(last_update), 10).await;
+    assert_eq!(later.len(), 2);
+}
+
+#[tokio::test]
+async fn triggers_are_statement_level_and_a_20k_row_update_yields_20k_changes() {
+    let ddl = "CREATE TABLE big (id int PRIMARY KEY, v text);
+               INSERT INTO big SELECT g, 'x' FROM generate_series(1, 20000) g";
+    let (_db, mut client, mut source) = setup("statement_level", ddl).await;
+    let schema = track(&mut source, &table("big"), &["id", "v"]).await;
+    let tgtypes: Vec<i16> = client
+        .query(
+            "SELECT tgtype FROM pg_trigger WHERE tgrelid = 'big'::regclass AND tgname LIKE 'ctmirror%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(tgtypes.len(), 4);
+    assert!(tgtypes.iter().all(|t| t & 1 == 0), "a row-level trigger: {tgtypes:?}");
+
+    let from = source.min_valid_version(&table("big")).await.unwrap();
+    let version = write(&mut client, "UPDATE big SET v = 'y'").await;
+    let side: i64 = client
+        .query_one(
+            "SELECT count(*) FROM ctmirror_ct.tracked t, LATERAL (SELECT 1) x WHERE t.table_name = 'big'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(side, 1);
+    let changes = drain_changes(&mut source, &client, &schema, from, 7000).await;
+    assert_eq!(changes.len(), 20000);
+    assert!(changes.iter().all(|c| c.version == Version(version)));
+    assert!(changes.iter().all(|c| matches!(&c.op, RowOp::Upsert(v) if v[1] == text("y"))));
+    let ids: Vec<i64> = changes
+        .iter()
+        .map(|c| match c.key.0[0] {
+            Value::Int(i) => i,
+            _ => -1,
+        })
+        .collect();
+    assert_eq!(ids, (1..=20000).collect::<Vec<i64>>());
+}
+
+#[tokio::test]
+async fn primary_key_update_yields_delete_of_old_key_and_upsert_of_new() {
+    // Deferrable, so the key swap below is legal within one statement.
+    let ddl =
+        "CREATE TABLE t (id int PRIMARY KEY DEFERRABLE, v text); INSERT INTO t VALUES (1, 'a'), (2, 'b')";
+    let (_db, mut client, mut source) = setup("pk_update", ddl).await;
+    let schema = track(&mut source, &table("t"), &["id", "v"]).await;
+    let from = source.min_valid_version(&table("t")).await.unwrap();
+    let v = write(&mut client, "UPDATE t SET id = id + 10").await;
+    let changes = drain_changes(&mut source, &client, &schema, from, 100).await;
+    assert_eq!(
+        changes,
+        vec![
+            ChangeRow { version: Version(v), key: Key(vec![int(1)]), op: RowOp::Delete },
+            ChangeRow { version: Version(v), key: Key(vec![int(2)]), op: RowOp::Delete },
+            ChangeRow {
+                version: Version(v),
+                key: Key(vec![int(11)]),
+                op: RowOp::Upsert(vec![int(11), text("a")])
+            },
+            ChangeRow {
+                version: Version(v),
+                key: Key(vec![int(12)]),
+                op: RowOp::Upsert(vec![int(12), text("b")])
+            },
+        ]
+    );
+    // A swap of keys within one statement leaves both keys present.
+    let swap = write(&mut client, "UPDATE t SET id = CASE id WHEN 11 THEN 12 ELSE 11 END").await;
+    let changes = drain_changes(&mut source, &client, &schema, Version(v), 100).await;
+    assert_eq!(
+        changes,
+        vec![
+            ChangeRow {
+                version: Version(swap),
+                key: Key(vec![int(11)]),
+                op: RowOp::Upsert(vec![int(11), text("b")])
+            },
+            ChangeRow {
+                version: Version(swap),
+                key: Key(vec![int(12)]),
+                op: RowOp::Upsert(vec![int(12), text("a")])
+            },
+        ]
+    );
+}
+
+#[tokio::test]
+async fn truncate_yields_deletes() {
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 5)";
+    let (_db, mut client, mut source) = setup("truncate", ddl).await;
+    let schema = track(&mut source, &table("t"), &["id"]).await;
+    let from = source.min_valid_version(&table("t")).await.unwrap();
+    let v = write(&mut client, "TRUNCATE t").await;
+    let changes = drain_changes(&mut source, &client, &schema, from, 100).await;
+    assert_eq!(changes.len(), 5);
+    assert!(changes.iter().all(|c| c.op == RowOp::Delete && c.version == Version(v)));
+    // Truncate and refill in one transaction: upserts win.
+    write(&mut client, "TRUNCATE t; INSERT INTO t VALUES (3)").await;
+    let changes = drain_changes(&mut source, &client, &schema, Version(v), 100).await;
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].op, RowOp::Upsert(vec![int(3)]));
+}
+
+#[tokio::test]
+async fn a_transaction_that_commits_late_is_not_skipped() {
+    let (db, mut client, mut source) = setup("late_commit", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let schema = track(&mut source, &table("t"), &["id"]).await;
+    let start = source.min_valid_version(&table("t")).await.unwrap();
+
+    let mut slow_client = db.client().await;
+    let slow = slow_client.transaction().await.unwrap();
+    slow.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    let slow_version: i64 =
+        slow.query_one("SELECT pg_current_xact_id()::text::bigint", &[]).await.unwrap().get(0);
+
+    let fast_version = write(&mut client, "INSERT INTO t VALUES (2)").await;
+    assert!(fast_version > slow_version);
+    let cursor = source.current_version().await.unwrap();
+    assert!(cursor.0 < slow_version, "current version {cursor} passed running transaction {slow_version}");
+    // The fast transaction is committed but not yet final: nothing is read.
+    assert!(drain_changes_upto(&mut source, &schema, start, cursor, 10).await.is_empty());
+
+    slow.commit().await.unwrap();
+    let changes = drain_changes(&mut source, &client, &schema, cursor, 10).await;
+    let versions: Vec<i64> = changes.iter().map(|c| c.version.0).collect();
+    assert_eq!(versions, vec![slow_version, fast_version]);
+}
+
+#[tokio::test]
+async fn changes_chunk_with_a_cursor_inside_a_version_continues_after_that_key() {
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY)";
+    let (_db, mut client, mut source) = setup("inside_version", ddl).await;
+    let schema = track(&mut source, &table("t"), &["id"]).await;
+    let from = source.min_valid_version(&table("t")).await.unwrap();
+    let v = write(&mut client, "INSERT INTO t SELECT generate_series(1, 10)").await;
+    let upper = settle(&mut source, &client).await;
+    let limits = ChunkLimits { max_rows: 3, max_bytes: 1 << 20 };
+    let first = source
+        .changes_chunk(&schema, &ChangePosition { version: from, after_key: None }, upper, limits)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 3);
+    let pos = ChangePosition { version: Version(v), after_key: Some(Key(vec![int(3)])) };
+    let next = source.changes_chunk(&schema, &pos, upper, limits).await.unwrap();
+    assert_eq!(
+        next.iter().map(|c| c.key.clone()).collect::<Vec<_>>(),
+        vec![Key(vec![int(4)]), Key(vec![int(5)]), Key(vec![int(6)])]
+    );
+    // A whole version consumed: nothing of it again.
+    let done = ChangePosition { version: Version(v), after_key: None };
+    assert!(source.changes_chunk(&schema, &done, upper, limits).await.unwrap().is_empty());
+    // Nothing past `upper`.
+    let capped = source
+        .changes_chunk(&schema, &ChangePosition { version: from, after_key: None }, Version(v - 1), limits)
+        .await
+        .unwrap();
+    assert!(capped.is_empty());
+    assert_eq!(drain_changes(&mut source, &client, &schema, from, 4).await.len(), 10);
+}
+
+#[tokio::test]
+async fn snapshot_pagination_over_a_composite_text_int_key_visits_every_row_once() {
+    let ddl = "CREATE TABLE docs (name text, rev int, body text, PRIMARY KEY (name, rev))";
+    let (_db, client, mut source) = setup("snapshot_pages", ddl).await;
+    let names = [
+        "a",
+        "A",
+        "B",
+        "b",
+        "ä",
+        "Ä",
+        "z",
+        "Z",
+        "日本",
+        "",
+        " ",
+        "a b",
+        "a\"b",
+        "ß",
+        "emoji 🎉",
+        "aa",
+        "a-b",
+    ];
+    for (i, n) in names.iter().enumerate() {
+        for rev in [1, 2, -5] {
+            client
+                .execute("INSERT INTO docs VALUES ($1, $2, $3)", &[n, &rev, &format!("body {i}")])
+                .await
+                .unwrap();
+        }
+    }
+    let schema = track(&mut source, &table("docs"), &["name", "rev", "body"]).await;
+    let expected: Vec<Vec<Value>> = client
+        .query("SELECT name, rev, body FROM docs ORDER BY name, rev", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| vec![text(r.get(0)), int(r.get::<_, i32>(1) as i64), text(r.get(2))])
+        .collect();
+    for page in [1, 2, 3, 7, 1000] {
+        assert_eq!(drain_snapshot(&mut source, &schema, page).await, expected, "page size {page}");
+    }
+}
+
+#[tokio::test]
+async fn byte_limit_bounds_a_chunk_of_wide_rows_but_returns_at_least_one() {
+    let ddl = "CREATE TABLE wide (id int PRIMARY KEY, blob text)";
+    let (_db, mut client, mut source) = setup("byte_limit", ddl).await;
+    let schema = track(&mut source, &table("wide"), &["id", "blob"]).await;
+    let from = source.min_valid_version(&table("wide")).await.unwrap();
+    write(&mut client, "INSERT INTO wide SELECT g, repeat('x', 100000) FROM generate_series(1, 50) g").await;
+
+    let limits = ChunkLimits { max_rows: 1000, max_bytes: 350_000 };
+    let chunk = source.snapshot_chunk(&schema, None, limits).await.unwrap();
+    assert_eq!(chunk.len(), 3);
+    let size: usize = chunk.iter().flatten().map(Value::wire_size).sum();
+    assert!(size <= 350_000);
+    let tiny = ChunkLimits { max_rows: 1000, max_bytes: 10 };
+    assert_eq!(source.snapshot_chunk(&schema, None, tiny).await.unwrap().len(), 1);
+
+    let upper = settle(&mut source, &client).await;
+    let pos = ChangePosition { version: from, after_key: None };
+    let changes = source.changes_chunk(&schema, &pos, upper, limits).await.unwrap();
+    assert_eq!(changes.len(), 3);
+    assert_eq!(source.changes_chunk(&schema, &pos, upper, tiny).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn maintain_with_zero_retention_removes_old_changes_and_raises_min_valid_version() {
+    let (db, mut client, mut source) = setup("retention", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let schema = track(&mut source, &table("t"), &["id"]).await;
+    let enabled = source.min_valid_version(&table("t")).await.unwrap();
+    write(&mut client, "INSERT INTO t SELECT generate_series(1, 5)").await;
+
+    // A long retention keeps everything.
+    source.maintain().await.unwrap();
+    assert_eq!(source.min_valid_version(&table("t")).await.unwrap(), enabled);
+    assert_eq!(drain_changes(&mut source, &client, &schema, enabled, 100).await.len(), 5);
+
+    let mut eager = PostgresSource::connect(&db.url, Duration::ZERO).await.unwrap();
+    let before = settle(&mut eager, &client).await;
+    eager.maintain().await.unwrap();
+    let min_valid = eager.min_valid_version(&table("t")).await.unwrap();
+    assert!(min_valid >= before && min_valid > enabled, "{min_valid} vs {before}");
+    let side: i64 = client
+        .query_one(&format!("SELECT count(*) FROM ctmirror_ct.\"changes_{}\"", oid(&client, "t").await), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(side, 0);
+    // Later changes are kept and readable from the new min valid version.
+    write(&mut client, "DELETE FROM t WHERE id = 1").await;
+    let changes = drain_changes(&mut source, &client, &schema, min_valid, 100).await;
+    assert_eq!(changes.len(), 1);
+}
+
+async fn oid(client: &Client, name: &str) -> u32 {
+    client.query_one("SELECT $1::text::regclass::oid", &[&name]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn maintain_forgets_dropped_tables_and_ensure_tracking_reinstalls_a_changed_key() {
+    let ddl = "CREATE TABLE gone (id int PRIMARY KEY); CREATE TABLE rekeyed (a int NOT NULL, b int NOT NULL, PRIMARY KEY (a))";
+    let (_db, client, mut source) = setup("forget_dropped", ddl).await;
+    source.ensure_tracking(&table("gone")).await.unwrap();
+    source.ensure_tracking(&table("rekeyed")).await.unwrap();
+    client.batch_execute("DROP TABLE gone").await.unwrap();
+    source.maintain().await.unwrap();
+    let names: Vec<String> = client
+        .query("SELECT table_name FROM ctmirror_ct.tracked", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(names, vec!["rekeyed"]);
+    let side_tables: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'ctmirror_ct' AND tablename LIKE 'changes_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(side_tables, 1);
+
+    client
+        .batch_execute("ALTER TABLE rekeyed DROP CONSTRAINT rekeyed_pkey, ADD PRIMARY KEY (a, b)")
+        .await
+        .unwrap();
+    assert!(source.ensure_tracking(&table("rekeyed")).await.unwrap().newly_enabled);
+    assert!(!source.ensure_tracking(&table("rekeyed")).await.unwrap().newly_enabled);
+    client.batch_execute("ALTER TABLE rekeyed DISABLE TRIGGER ctmirror_ct_update").await.unwrap();
+    assert!(source.ensure_tracking(&table("rekeyed")).await.unwrap().newly_enabled);
+}
+
+#[tokio::test]
+async fn quoted_identifiers_work_end_to_end() {
+    let ddl = r#"CREATE SCHEMA "my schema";
+        CREATE TABLE "my schema"."Order ""Lines""" ("select" int PRIMARY KEY, "Mixed Case" text, "version" int);
+        INSERT INTO "my schema"."Order ""Lines""" VALUES (1, 'one', 7)"#;
+    let (_db, mut client, mut source) = setup("quoted", ddl).await;
+    let t = SourceTable { schema: Some("my schema".into()), name: "Order \"Lines\"".into() };
+    let schema = track(&mut source, &t, &["select", "Mixed Case", "version"]).await;
+    assert_eq!(schema.primary_key, vec!["select"]);
+    assert_eq!(drain_snapshot(&mut source, &schema, 1).await, vec![vec![int(1), text("one"), int(7)]]);
+    let from = source.min_valid_version(&t).await.unwrap();
+    write(&mut client, r#"UPDATE "my schema"."Order ""Lines""" SET "Mixed Case" = 'uno'; INSERT INTO "my schema"."Order ""Lines""" VALUES (2, 'two', 8)"#).await;
+    let changes = drain_changes(&mut source, &client, &schema, from, 1).await;
+    assert_eq!(changes.len(), 2);
+    assert_eq!(changes[0].op, RowOp::Upsert(vec![int(1), text("uno"), int(7)]));
+    source.maintain().await.unwrap();
+}
+
+#[tokio::test]
+async fn odd_values_come_back_as_documented_wire_values() {
+    let ddl = "CREATE TABLE odd (id bigint PRIMARY KEY, f8 float8, f4 float4, n numeric(38,10), t text, b bytea,
+                 jb jsonb, j json, ts timestamp, tz timestamptz, d date, u uuid, tm time, c char(3), flag boolean)";
+    let (_db, client, mut source) = setup("odd_values", ddl).await;
+    client
+        .batch_execute(
+            "INSERT INTO odd VALUES
+             (-9223372036854775808, 'NaN', 'Infinity', 9999999999999999999999999999.9999999999, repeat('é', 500000),
+              '\\x00ff', '{\"b\": [1, \"ä\"], \"a\": null}', '{\"b\":1,  \"a\":2}', 'infinity', '-infinity', 'infinity',
+              'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '23:59:59.999999', 'ab', true),
+             (2, '-Infinity', 0.1, -9999999999999999999999999999.9999999999, 'ünïcödé 日本 🎉', '',
+              '[]', 'null', '2024-02-29 12:34:56.123456', '2024-01-01 10:00:00+02', '2024-02-29',
+              NULL, '00:00', 'abc', false),
+             (3, 0.1, 1.5, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)",
+        )
+        .await
+        .unwrap();
+    let names = ["id", "f8", "f4", "n", "t", "b", "jb", "j", "ts", "tz", "d", "u", "tm", "c", "flag"];
+    let schema = track(&mut source, &table("odd"), &names).await;
+    let rows = drain_snapshot(&mut source, &schema, 10).await;
+    assert_eq!(rows.len(), 3);
+    let big = "é".repeat(500000);
+    assert_eq!(
+        rows[0],
+        vec![
+            int(i64::MIN),
+            text("NaN"),
+            text("Infinity"),
+            text("9999999999999999999999999999.9999999999"),
+            text(&big),
+            text("AP8="),
+            text("{\"a\": null, \"b\": [1, \"ä\"]}"),
+            text("{\"b\":1,  \"a\":2}"),
+            text("infinity"),
+            text("-infinity"),
+            text("infinity"),
+            text("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            text("23:59:59.999999"),
+            text("ab"),
+            Value::Bool(true),
+        ]
+    );
+    assert_eq!(
+        rows[1],
+        vec![
+            int(2),
+            text("-Infinity"),
+            Value::Float(0.1),
+            text("-9999999999999999999999999999.9999999999"),
+            text("ünïcödé 日本 🎉"),
+            text(""),
+            text("[]"),
+            text("null"),
+            text("2024-02-29T12:34:56.123456"),
+            text("2024-01-01T08:00:00Z"),
+            text("2024-02-29"),
+            Value::Null,
+            text("00:00:00"),
+            text("abc"),
+            Value::Bool(false),
+        ]
+    );
+    let mut nulls = vec![int(3), Value::Float(0.1), Value::Float(1.5), text("0.0000000000")];
+    nulls.extend(std::iter::repeat_n(Value::Null, 11));
+    assert_eq!(rows[2], nulls);
+    // Keys round-trip through cursors, including the extreme one.
+    let after = source.snapshot_chunk(&schema, Some(&Key(vec![int(i64::MIN)])), WIDE_OPEN).await.unwrap();
+    assert_eq!(after.len(), 2);
+}
+
+#[tokio::test]
+async fn a_bc_date_is_a_data_error_naming_the_column() {
+    let ddl = "CREATE TABLE history (id int PRIMARY KEY, happened date);
+               INSERT INTO history VALUES (1, '2000-01-01'), (44, '0044-03-15 BC')";
+    let (_db, _c, mut source) = setup("bc_date", ddl).await;
+    let schema = track(&mut source, &table("history"), &["id", "happened"]).await;
+    let e = source.snapshot_chunk(&schema, None, WIDE_OPEN).await.unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Data);
+    assert!(
+        e.message.contains("public.history")
+            && e.message.contains("\"happened\"")
+            && e.message.contains("44"),
+        "{}",
+        e.message
+    );
+}
+
+#[tokio::test]
+async fn identity_is_stable_per_database_and_differs_between_databases() {
+    let (db, _c, mut source) = setup("identity_a", "").await;
+    let a = source.identity().await.unwrap();
+    let mut again = PostgresSource::connect(&db.url, HOUR).await.unwrap();
+    assert_eq!(again.identity().await.unwrap(), a);
+    let (_db2, _c2, mut other) = setup("identity_b", "").await;
+    assert_ne!(other.identity().await.unwrap(), a);
+    assert!(a.contains(':'));
+}
+
+#[tokio::test]
+async fn connection_failures_are_transient_and_never_show_the_password() {
+    let e = match PostgresSource::connect("postgres://agent:hunter2secret@127.0.0.1:1/tenant", HOUR).await {
+        Ok(_) => panic!("connected to port 1"),
+        Err(e) => e,
+    };
+    assert_eq!(e.kind, SourceErrorKind::Transient);
+    assert!(!e.message.contains("hunter2secret"), "{}", e.message);
+    assert!(e.message.contains("127.0.0.1:1/tenant"), "{}", e.message);
+    let e = match PostgresSource::connect("postgres://x:y@host:notaport/db", HOUR).await {
+        Ok(_) => panic!("parsed a bad URL"),
+        Err(e) => e,
+    };
+    assert_eq!(e.kind, SourceErrorKind::Config);
+}
+
+#[tokio::test]
+async fn source_futures_are_send() {
+    let (_db, _c, source) = setup("send", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let handle = tokio::spawn(async move {
+        let mut source = source;
+        source.ensure_tracking(&table("t")).await.unwrap();
+        source.current_version().await.unwrap()
+    });
+    assert!(handle.await.unwrap().0 > 0);
+}
+
+/// A login role unique to this database (roles are cluster-wide), and the
+/// database URL as that role.
+async fn role_url(db: &TestDb, client: &Client, suffix: &str, grants: &str) -> String {
+    let role = format!("{}_{suffix}", db.name);
+    client
+        .batch_execute(&format!(
+            "CREATE ROLE \"{role}\" LOGIN; {}",
+            grants.replace("ROLE", &format!("\"{role}\""))
+        ))
+        .await
+        .unwrap();
+    let (scheme_host, _) = db.url.rsplit_once('/').unwrap();
+    let host =
+        scheme_host.split_once('@').map(|(_, h)| h).unwrap_or(scheme_host.trim_start_matches("postgres://"));
+    format!("postgres://{role}@{host}/{}", db.name)
+}
+
+#[tokio::test]
+async fn missing_privileges_are_config_errors_saying_what_to_grant() {
+    let (db, client, _source) = setup("privileges", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    // PUBLIC has no CREATE on a database by default.
+    let url = role_url(&db, &client, "weak", "").await;
+    let mut weak = PostgresSource::connect(&url, HOUR).await.unwrap();
+    let e = weak.ensure_tracking(&table("t")).await.unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Config);
+    assert!(e.message.contains("permission denied") && e.message.contains("grant"), "{}", e.message);
+    let schema = weak.read_schema(&table("t"), &cols(&["id"])).await.unwrap();
+    let e = weak.snapshot_chunk(&schema, None, WIDE_OPEN).await.unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Config);
+    assert!(e.message.contains("public.t") && e.message.contains("SELECT"), "{}", e.message);
+}
+
+#[tokio::test]
+async fn writers_without_rights_on_ctmirror_ct_are_still_tracked() {
+    let (db, client, mut source) = setup("app_role", "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let schema = track(&mut source, &table("t"), &["id", "v"]).await;
+    let from = source.min_valid_version(&table("t")).await.unwrap();
+    let url =
+        role_url(&db, &client, "app", "GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON t TO ROLE").await;
+    let app = support::connect(&url).await;
+    app.batch_execute("INSERT INTO t VALUES (1, 'a'), (2, 'b'); UPDATE t SET v = 'c' WHERE id = 1; DELETE FROM t WHERE id = 2")
+        .await
+        .unwrap();
+    assert!(app.batch_execute("SELECT * FROM ctmirror_ct.tracked").await.is_err());
+    let changes = drain_changes(&mut source, &client, &schema, from, 10).await;
+    let ops: Vec<RowOp> = changes.into_iter().map(|c| c.op).collect();
+    assert_eq!(ops, vec![RowOp::Upsert(vec![int(1), text("c")]), RowOp::Delete]);
+}
+
+#[tokio::test]
+async fn partitioned_tables_are_tracked_through_the_parent() {
+    let ddl =
+        "CREATE TABLE p (id int, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+               CREATE TABLE p_eu PARTITION OF p FOR VALUES IN ('eu');
+               CREATE TABLE p_us PARTITION OF p FOR VALUES IN ('us');
+               INSERT INTO p VALUES (1, 'eu', 'a'), (2, 'us', 'b')";
+    let (_db, mut client, mut source) = setup("partitioned", ddl).await;
+    let schema = track(&mut source, &table("p"), &["id", "region", "v"]).await;
+    assert_eq!(drain_snapshot(&mut source, &schema, 1).await.len(), 2);
+    let from = source.min_valid_version(&table("p")).await.unwrap();
+    // Moves a row to another partition: a key change.
+    write(&mut client, "UPDATE p SET region = 'us' WHERE id = 1").await;
+    let changes = drain_changes(&mut source, &client, &schema, from, 10).await;
+    assert_eq!(
+        changes.iter().map(|c| (c.key.clone(), c.op.clone())).collect::<Vec<_>>(),
+        vec![
+            (Key(vec![int(1), text("eu")]), RowOp::Delete),
+            (Key(vec![int(1), text("us")]), RowOp::Upsert(vec![int(1), text("us"), text("a")])),
+        ]
+    );
+}
