@@ -99,10 +99,10 @@ SELECT i,
        timestamptz '2020-01-01 00:00:00+00' + (i * 137 || ' minutes')::interval,
        CASE WHEN i % 3 = 0 THEN timestamptz '2025-06-01 12:00:00+00' + (i || ' seconds')::interval END,
        i % 97 = 0
-FROM generate_series(1, 20000 * current_setting('ctmirror.scale')::int) AS i;
+FROM generate_series(1, (20000 * current_setting('ctmirror.scale')::numeric)::int) AS i;
 
 INSERT INTO person
-SELECT i, 1 + (i % (20000 * current_setting('ctmirror.scale')::int)),
+SELECT i, 1 + (i % ((20000 * current_setting('ctmirror.scale')::numeric)::int)),
        (ARRAY['Ola', 'Kari', 'Åse', 'Jürgen', 'Zoë', NULL])[1 + i % 6],
        'Person' || i,
        CASE WHEN i % 4 = 0 THEN 'Manager' END,
@@ -113,26 +113,26 @@ SELECT i, 1 + (i % (20000 * current_setting('ctmirror.scale')::int)),
        timestamptz '2021-01-01 00:00:00+00' + (i * 61 || ' minutes')::interval,
        NULL,
        i % 50 = 0
-FROM generate_series(1, 40000 * current_setting('ctmirror.scale')::int) AS i;
+FROM generate_series(1, (40000 * current_setting('ctmirror.scale')::numeric)::int) AS i;
 
 INSERT INTO appointment
-SELECT i, 1 + i % (20000 * current_setting('ctmirror.scale')::int), 1 + i % (40000 * current_setting('ctmirror.scale')::int), 1 + i % 200,
+SELECT i, 1 + i % ((20000 * current_setting('ctmirror.scale')::numeric)::int), 1 + i % ((40000 * current_setting('ctmirror.scale')::numeric)::int), 1 + i % 200,
        timestamptz '2024-01-01 09:00:00+00' + (i * 30 || ' minutes')::interval,
        timestamptz '2024-01-01 10:00:00+00' + (i * 30 || ' minutes')::interval,
        'Meeting about ' || md5(i::text),
        i % 3 = 0,
        (i % 3)::smallint
-FROM generate_series(1, 40000 * current_setting('ctmirror.scale')::int) AS i;
+FROM generate_series(1, (40000 * current_setting('ctmirror.scale')::numeric)::int) AS i;
 
 INSERT INTO sale
-SELECT i, 1 + i % (20000 * current_setting('ctmirror.scale')::int), 1 + i % (40000 * current_setting('ctmirror.scale')::int), 1 + i % 200,
+SELECT i, 1 + i % ((20000 * current_setting('ctmirror.scale')::numeric)::int), 1 + i % ((40000 * current_setting('ctmirror.scale')::numeric)::int), 1 + i % 200,
        round((i * 37.13 % 1000000)::numeric, 2),
        (i % 101)::smallint,
        date '2023-01-01' + (i % 1000),
        (ARRAY['open', 'won', 'lost', 'stalled'])[1 + i % 4],
        'Deal #' || i,
        (ARRAY['EUR', 'NOK', 'USD'])[1 + i % 3]
-FROM generate_series(1, 15000 * current_setting('ctmirror.scale')::int) AS i;
+FROM generate_series(1, (15000 * current_setting('ctmirror.scale')::numeric)::int) AS i;
 
 INSERT INTO project
 SELECT i, 'Project ' || i, 'P-' || lpad(i::text, 6, '0'), (i % 5)::smallint,
@@ -140,6 +140,6 @@ SELECT i, 'Project ' || i, 'P-' || lpad(i::text, 6, '0'), (i % 5)::smallint,
        CASE WHEN i % 2 = 0 THEN date '2025-01-01' + (i % 365) END,
        i % 4 = 0,
        md5('project' || i)::uuid
-FROM generate_series(1, 5000 * current_setting('ctmirror.scale')::int) AS i;
+FROM generate_series(1, (5000 * current_setting('ctmirror.scale')::numeric)::int) AS i;
 
 ANALYZE;

@@ -93,6 +93,7 @@ pub fn now_unix() -> i64 {
 }
 
 /// A private signing key. Never printed: `Debug` shows only the public half.
+#[derive(Clone)]
 pub struct Keypair {
     key: SigningKey,
 }
