@@ -886,3 +886,23 @@ async fn partitioned_tables_are_tracked_through_the_parent() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_full_load_starting_right_after_enabling_is_never_below_min_valid() {
+    let (db, _client, mut source) = setup("min_valid_xmin", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    // An older transaction with an xid, open elsewhere on the cluster, holds
+    // the readable version below the enabling transaction's id.
+    let other = TestDb::create("min_valid_other").await;
+    let mut holder = other.client().await;
+    let tx = holder.transaction().await.unwrap();
+    tx.batch_execute("CREATE TABLE hold (x int)").await.unwrap();
+    source.ensure_tracking(&table("t")).await.unwrap();
+    let snapshot_version = source.current_version().await.unwrap();
+    let min_valid = source.min_valid_version(&table("t")).await.unwrap();
+    assert!(
+        snapshot_version >= min_valid,
+        "a full load at version {snapshot_version} would already count as expired (min valid {min_valid})"
+    );
+    tx.rollback().await.unwrap();
+    drop(db);
+}

@@ -69,13 +69,20 @@ pub(crate) async fn ensure_tracking(
     for statement in install_sql(&tref, &key) {
         tx.batch_execute(&statement).await.map_err(err)?;
     }
-    // The enabling transaction's own id: every write after the triggers
-    // exist has a version above every cursor handed out before.
+    // The first valid version is the readable version (oldest running xid
+    // minus one) taken now, after the triggers exist and their lock is held:
+    // a writer that touched the table before the triggers had to finish
+    // before we got the lock, so every transaction still running (xid above
+    // this) either has not written the table yet or will fire the triggers.
+    // Using the enabling transaction's own xid instead would put min_valid
+    // above the snapshot version of a full load that starts right after
+    // (that version is xmin - 1 and an older transaction elsewhere can hold
+    // xmin down), and the load would look expired.
     tx.execute(
         "INSERT INTO ctmirror_ct.tracked
                 (table_oid, schema_name, table_name, side_table, enabled_version, min_valid_version)
          SELECT $1, $2, $3, $4, v, v
-           FROM (SELECT pg_catalog.pg_current_xact_id()::text::bigint AS v) AS x",
+           FROM (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint - 1 AS v) AS x",
         &[&tref.oid, &tref.schema, &tref.name, &side_table_name(tref.oid)],
     )
     .await

@@ -1,0 +1,172 @@
+//! Protocol column types as PostgreSQL types, and the `CREATE TABLE` of a
+//! mirror table (the mapping is documented in `docs/receiver.md`).
+
+use super::sql::{ident_list, qualified, quote_ident};
+use crate::protocol::{ColumnType, TableSchema};
+
+/// The column's declared PostgreSQL type, with its length, precision or
+/// scale. Schema validation has already bounded every modifier.
+pub fn pg_type(ty: &ColumnType) -> String {
+    use ColumnType as T;
+    fn with_precision(base: &str, p: &Option<u8>) -> String {
+        match p {
+            Some(p) => format!("{base}({p})"),
+            None => base.to_owned(),
+        }
+    }
+    match ty {
+        T::Bool => "boolean".into(),
+        T::Int16 => "smallint".into(),
+        T::Int32 => "integer".into(),
+        T::Int64 => "bigint".into(),
+        T::Float32 => "real".into(),
+        T::Float64 => "double precision".into(),
+        T::Decimal { precision: Some(p), scale } => format!("numeric({p},{})", scale.unwrap_or(0)),
+        T::Decimal { precision: None, .. } => "numeric".into(),
+        T::Text { max_length: Some(n) } => format!("varchar({n})"),
+        T::Text { max_length: None } => "text".into(),
+        T::FixedText { length } => format!("char({length})"),
+        T::Bytes { .. } => "bytea".into(),
+        T::Date => "date".into(),
+        T::Time { precision } => with_precision("time", precision),
+        T::Timestamp { precision } => with_precision("timestamp", precision),
+        T::TimestampTz { precision } => with_precision("timestamptz", precision),
+        T::Uuid => "uuid".into(),
+        T::Json => "jsonb".into(),
+    }
+}
+
+/// The type a text parameter is cast to before it is *assigned* to the
+/// column. It is the declared type without its modifier, because an explicit
+/// cast to `varchar(n)` or `char(n)` silently truncates, while assignment to
+/// the column raises an error, so a too-long value is refused, never cut.
+pub fn input_type(ty: &ColumnType) -> &'static str {
+    use ColumnType as T;
+    match ty {
+        T::Bool => "boolean",
+        T::Int16 => "smallint",
+        T::Int32 => "integer",
+        T::Int64 => "bigint",
+        T::Float32 => "real",
+        T::Float64 => "double precision",
+        T::Decimal { .. } => "numeric",
+        T::Text { .. } | T::FixedText { .. } => "text",
+        T::Bytes { .. } => "bytea",
+        T::Date => "date",
+        T::Time { .. } => "time",
+        T::Timestamp { .. } => "timestamp",
+        T::TimestampTz { .. } => "timestamptz",
+        T::Uuid => "uuid",
+        T::Json => "jsonb",
+    }
+}
+
+/// `CREATE TABLE` for a validated schema: every column with its type and
+/// `NOT NULL` where the source has it, and the source's primary key (which
+/// the upserts' `ON CONFLICT` relies on).
+pub fn create_table(mirror_schema: &str, table: &TableSchema) -> String {
+    let mut parts: Vec<String> = table
+        .columns
+        .iter()
+        .map(|c| {
+            let not_null = if c.nullable { "" } else { " NOT NULL" };
+            format!("{} {}{not_null}", quote_ident(&c.name), pg_type(&c.data_type))
+        })
+        .collect();
+    parts.push(format!("PRIMARY KEY ({})", ident_list(table.primary_key.iter().map(String::as_str))));
+    format!("CREATE TABLE {} ({})", qualified(mirror_schema, &table.name), parts.join(", "))
+}
+
+pub fn drop_table(mirror_schema: &str, table: &str) -> String {
+    format!("DROP TABLE IF EXISTS {}", qualified(mirror_schema, table))
+}
+
+/// What differs between the schema the receiver holds and a new one, for
+/// the message of a refused schema change.
+pub fn describe_change(old: &TableSchema, new: &TableSchema) -> String {
+    let mut changes = Vec::new();
+    for c in &new.columns {
+        match old.columns.iter().find(|o| o.name == c.name) {
+            None => changes.push(format!("column {:?} added", c.name)),
+            Some(o) => {
+                if o.data_type != c.data_type {
+                    changes.push(format!(
+                        "column {:?} type {} -> {}",
+                        c.name,
+                        pg_type(&o.data_type),
+                        pg_type(&c.data_type)
+                    ));
+                }
+                if o.nullable != c.nullable {
+                    let now = if c.nullable { "nullable" } else { "not null" };
+                    changes.push(format!("column {:?} is now {now}", c.name));
+                }
+            }
+        }
+    }
+    for o in &old.columns {
+        if !new.columns.iter().any(|c| c.name == o.name) {
+            changes.push(format!("column {:?} removed", o.name));
+        }
+    }
+    if old.primary_key != new.primary_key {
+        changes.push(format!("primary key {:?} -> {:?}", old.primary_key, new.primary_key));
+    }
+    if changes.is_empty() {
+        changes.push("column order".into());
+    }
+    changes.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ColumnSchema;
+
+    fn col(name: &str, data_type: ColumnType, nullable: bool) -> ColumnSchema {
+        ColumnSchema { name: name.into(), data_type, nullable }
+    }
+
+    #[test]
+    fn every_type_maps_with_its_modifiers() {
+        use ColumnType as T;
+        assert_eq!(pg_type(&T::Decimal { precision: Some(10), scale: Some(2) }), "numeric(10,2)");
+        assert_eq!(pg_type(&T::Decimal { precision: Some(10), scale: None }), "numeric(10,0)");
+        assert_eq!(pg_type(&T::Decimal { precision: None, scale: None }), "numeric");
+        assert_eq!(pg_type(&T::Text { max_length: Some(5) }), "varchar(5)");
+        assert_eq!(pg_type(&T::FixedText { length: 3 }), "char(3)");
+        assert_eq!(pg_type(&T::Time { precision: Some(0) }), "time(0)");
+        assert_eq!(pg_type(&T::TimestampTz { precision: None }), "timestamptz");
+        assert_eq!(input_type(&T::FixedText { length: 3 }), "text");
+    }
+
+    #[test]
+    fn create_table_quotes_every_name() {
+        let t = TableSchema {
+            name: "a\"b".into(),
+            columns: vec![col("select", ColumnType::Int32, false), col("x y", ColumnType::Json, true)],
+            primary_key: vec!["select".into()],
+        };
+        assert_eq!(
+            create_table("mirror_t", &t),
+            "CREATE TABLE \"mirror_t\".\"a\"\"b\" (\"select\" integer NOT NULL, \"x y\" jsonb, PRIMARY KEY (\"select\"))"
+        );
+    }
+
+    #[test]
+    fn schema_changes_are_described() {
+        let old = TableSchema {
+            name: "t".into(),
+            columns: vec![col("id", ColumnType::Int32, false), col("gone", ColumnType::Bool, true)],
+            primary_key: vec!["id".into()],
+        };
+        let mut new = old.clone();
+        new.columns[0].data_type = ColumnType::Int64;
+        new.columns[1] = col("new", ColumnType::Bool, true);
+        let d = describe_change(&old, &new);
+        assert!(
+            d.contains("integer -> bigint") && d.contains("\"new\" added") && d.contains("\"gone\" removed"),
+            "{d}"
+        );
+    }
+}

@@ -1,0 +1,148 @@
+//! The ReplicationCompleted call: record the cycle's report, then run the
+//! partner's completion hooks (ANALYZE, NOTIFY, extra SQL).
+//!
+//! The data of the cycle is already committed when this call arrives, so a
+//! failing hook must not fail the call (the agent would only retry a cycle
+//! that succeeded): it is logged and reported in the answer instead.
+
+use super::error::ReceiverError;
+use super::sql::{qualified, quote_ident};
+use super::store;
+use crate::config::HookConfig;
+use crate::ids::TenantId;
+use crate::protocol::{CompletedRequest, CompletedResponse};
+use deadpool_postgres::Pool;
+
+/// PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
+const MAX_NOTIFY_PAYLOAD: usize = 7900;
+
+pub async fn apply(
+    pool: &Pool,
+    hooks: &HookConfig,
+    tenant: &TenantId,
+    req: &CompletedRequest,
+) -> Result<CompletedResponse, ReceiverError> {
+    let mut client = pool.get().await?;
+    let client: &mut tokio_postgres::Client = &mut client;
+    let completion_id = store::record_completion(&*client, tenant, req).await?;
+    let mirror = tenant.mirror_schema();
+    let mut done = Vec::new();
+
+    let changed: Vec<&str> = req
+        .tables
+        .iter()
+        .filter(|t| t.counts.inserted + t.counts.updated + t.counts.deleted > 0)
+        .map(|t| t.name.as_str())
+        .collect();
+    if hooks.analyze && !changed.is_empty() {
+        let existing = store::physical_tables(&*client, &mirror).await?;
+        for name in &changed {
+            if !existing.contains(*name) {
+                done.push(report(format!("analyze {}", quote_ident(name)), Err("no such mirror table".into())));
+                continue;
+            }
+            let r = client.batch_execute(&format!("ANALYZE {}", qualified(&mirror, name))).await;
+            done.push(report(format!("analyze {}", quote_ident(name)), r.map_err(db_message)));
+        }
+    }
+
+    if let Some(channel) = &hooks.notify_channel {
+        let payload = summary(tenant, completion_id, req);
+        let r = client.execute("SELECT pg_notify($1, $2)", &[channel, &payload]).await;
+        done.push(report(format!("notify {channel}"), r.map(|_| ()).map_err(db_message)));
+    }
+
+    for (i, sql) in hooks.sql.iter().enumerate() {
+        let r = run_sql_hook(client, &mirror, sql).await;
+        done.push(report(format!("sql hook {}", i + 1), r.map_err(db_message)));
+    }
+    Ok(CompletedResponse { hooks: done })
+}
+
+/// One configured statement, in its own transaction with the tenant's
+/// mirror schema first on the search path, so hooks can name tables plainly.
+async fn run_sql_hook(
+    client: &mut tokio_postgres::Client,
+    mirror: &str,
+    sql: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!("SET LOCAL search_path TO {}, public", quote_ident(mirror))).await?;
+    tx.batch_execute(sql).await?;
+    tx.commit().await
+}
+
+fn report(what: String, result: Result<(), String>) -> String {
+    match result {
+        Ok(()) => format!("{what}: ok"),
+        Err(e) => {
+            tracing::warn!(hook = %what, error = %e, "completion hook failed");
+            format!("{what}: failed: {e}")
+        }
+    }
+}
+
+fn db_message(e: tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} [SQLSTATE {}]", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// The NOTIFY payload: totals and the changed tables, the list dropped if
+/// it would not fit PostgreSQL's payload limit.
+pub fn summary(tenant: &TenantId, completion_id: i64, req: &CompletedRequest) -> String {
+    let mut total = crate::protocol::ChangeCounts::default();
+    for t in &req.tables {
+        total.add(t.counts);
+    }
+    let changed: Vec<&str> = req
+        .tables
+        .iter()
+        .filter(|t| t.counts.inserted + t.counts.updated + t.counts.deleted > 0)
+        .map(|t| t.name.as_str())
+        .collect();
+    let failed: Vec<&str> = req.tables.iter().filter(|t| t.error.is_some()).map(|t| t.name.as_str()).collect();
+    let mut json = serde_json::json!({
+        "tenant": tenant.as_str(),
+        "completion_id": completion_id,
+        "tables": req.tables.len(),
+        "inserted": total.inserted,
+        "updated": total.updated,
+        "deleted": total.deleted,
+        "changed": changed,
+        "failed": failed,
+    });
+    let text = json.to_string();
+    if text.len() <= MAX_NOTIFY_PAYLOAD {
+        return text;
+    }
+    json["changed"] = serde_json::Value::Null;
+    json["failed"] = serde_json::Value::Null;
+    json["truncated"] = serde_json::Value::Bool(true);
+    json.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{ChangeCounts, SyncMode, TableReport};
+
+    #[test]
+    fn summary_stays_within_the_notify_limit() {
+        let t = TenantId::new("acme").unwrap();
+        let tables: Vec<TableReport> = (0..2000)
+            .map(|i| TableReport {
+                name: format!("table_number_{i}"),
+                mode: SyncMode::Incremental,
+                counts: ChangeCounts { inserted: 1, updated: 0, deleted: 0 },
+                error: None,
+            })
+            .collect();
+        let s = summary(&t, 1, &CompletedRequest { tables });
+        assert!(s.len() < 8000);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["inserted"], 2000);
+        assert_eq!(v["truncated"], true);
+    }
+}

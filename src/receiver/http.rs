@@ -1,0 +1,207 @@
+//! HTTP transport: routes, the checks every request passes before it may
+//! touch the database, and the mapping of answers and errors to responses.
+//!
+//! The checks run in a fixed order, cheapest and least trusting first:
+//! tenant id in the path, content type, body size, signed token (over the
+//! raw body), then strict JSON. Nothing is written before all of them pass,
+//! and every refusal is an [`ErrorBody`](crate::protocol::ErrorBody).
+
+use super::error::{ErrorKind, ReceiverError};
+use super::{apply, hooks, schema, wipe, ReceiverService};
+use crate::auth::{self, RequestFacts};
+use crate::ids::TenantId;
+use crate::protocol::{self, AuthenticateRequest, AuthenticateResponse};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+use tracing::{field, Instrument};
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Authenticate,
+    Schema,
+    Rows,
+    Wipe,
+    Completed,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Authenticate => "authenticate",
+            Op::Schema => "schema",
+            Op::Rows => "rows",
+            Op::Wipe => "wipe",
+            Op::Completed => "completed",
+        }
+    }
+}
+
+pub fn router(service: ReceiverService) -> Router {
+    let p = protocol::PREFIX;
+    Router::new()
+        .route(&format!("{p}/tenants/{{tenant}}/authenticate"), post(authenticate))
+        .route(&format!("{p}/tenants/{{tenant}}/schema"), post(schema_call))
+        .route(&format!("{p}/tenants/{{tenant}}/rows"), post(rows))
+        .route(&format!("{p}/tenants/{{tenant}}/wipe"), post(wipe_call))
+        .route(&format!("{p}/tenants/{{tenant}}/completed"), post(completed))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(service)
+}
+
+type TenantPath = Result<Path<String>, PathRejection>;
+
+async fn authenticate(State(s): State<ReceiverService>, p: TenantPath, req: Request) -> Response {
+    handle(s, Op::Authenticate, p, req).await
+}
+async fn schema_call(State(s): State<ReceiverService>, p: TenantPath, req: Request) -> Response {
+    handle(s, Op::Schema, p, req).await
+}
+async fn rows(State(s): State<ReceiverService>, p: TenantPath, req: Request) -> Response {
+    handle(s, Op::Rows, p, req).await
+}
+async fn wipe_call(State(s): State<ReceiverService>, p: TenantPath, req: Request) -> Response {
+    handle(s, Op::Wipe, p, req).await
+}
+async fn completed(State(s): State<ReceiverService>, p: TenantPath, req: Request) -> Response {
+    handle(s, Op::Completed, p, req).await
+}
+
+async fn not_found(req: Request) -> Response {
+    refuse(ReceiverError::new(ErrorKind::NotFound, format!("no protocol operation at {}", req.uri().path())))
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    refuse(ReceiverError::new(ErrorKind::MethodNotAllowed, format!("{} is not allowed here; use POST", req.method())))
+}
+
+fn refuse(e: ReceiverError) -> Response {
+    if e.kind.status().is_server_error() {
+        tracing::warn!(kind = e.kind.as_str(), status = e.status().as_u16(), retryable = e.retryable(), table = ?e.table, "{}", e.message);
+    } else {
+        tracing::warn!(kind = e.kind.as_str(), status = e.status().as_u16(), table = ?e.table, "request refused: {}", e.message);
+    }
+    e.into_response()
+}
+
+/// One request under its span: the checks, then the operation.
+async fn handle(s: ReceiverService, op: Op, path: TenantPath, req: Request) -> Response {
+    let span = tracing::info_span!("request", tenant = field::Empty, operation = op.name(), table = field::Empty);
+    async move {
+        match checked(&s, op, path, req).await {
+            Ok(response) => response,
+            Err(e) => refuse(e),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn checked(s: &ReceiverService, op: Op, path: TenantPath, req: Request) -> Result<Response, ReceiverError> {
+    let Path(raw) = path.map_err(|e| ReceiverError::bad_request(format!("invalid path: {e}")))?;
+    let tenant = TenantId::new(raw).map_err(|e| ReceiverError::bad_request(e.to_string()))?;
+    tracing::Span::current().record("tenant", tenant.as_str());
+
+    let (parts, body) = req.into_parts();
+    check_content_type(&parts.headers)?;
+    let body = read_body(&parts.headers, body, s.inner().cfg.max_body_bytes).await?;
+    let header = parts.headers.get(AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
+    let facts = RequestFacts { tenant: &tenant, method: parts.method.as_str(), path: parts.uri.path(), body: &body };
+    let claims = s
+        .inner()
+        .verifier
+        .verify(header, &facts, auth::now_unix())
+        .map_err(|e| ReceiverError::new(ErrorKind::Unauthorized, e.to_string()))?;
+
+    let inner = s.inner();
+    match op {
+        Op::Authenticate => {
+            let req: AuthenticateRequest = parse(&body)?;
+            tracing::info!(agent = %req.agent, nonce = %claims.nonce, "authenticated");
+            let answer = AuthenticateResponse {
+                replicate: inner.cfg.paused_reason.is_none(),
+                token: auth::receiver_answer(&inner.partner_key, &claims),
+                reason: inner.cfg.paused_reason.clone(),
+            };
+            Ok(Json(answer).into_response())
+        }
+        Op::Schema => {
+            let req: protocol::TableSchemaRequest = parse(&body)?;
+            let mut client = inner.pool.get().await?;
+            let answer = schema::apply(&mut client, &tenant, &req, inner.cfg.drop_unmapped_tables).await?;
+            Ok(Json(answer).into_response())
+        }
+        Op::Rows => {
+            let req: protocol::RowBatch = parse(&body)?;
+            tracing::Span::current().record("table", req.table.as_str());
+            let mut client = inner.pool.get().await?;
+            let answer = apply::apply(&mut client, &tenant, &req).await?;
+            Ok(Json(answer).into_response())
+        }
+        Op::Wipe => {
+            let req: protocol::WipeRequest = parse(&body)?;
+            tracing::Span::current().record("table", req.table.as_str());
+            let mut client = inner.pool.get().await?;
+            let answer = wipe::apply(&mut client, &tenant, &req).await?;
+            Ok(Json(answer).into_response())
+        }
+        Op::Completed => {
+            let req: protocol::CompletedRequest = parse(&body)?;
+            let answer = hooks::apply(&inner.pool, &inner.cfg.hooks, &tenant, &req).await?;
+            Ok(Json(answer).into_response())
+        }
+    }
+}
+
+/// `application/json`, parameters (a charset) allowed.
+fn check_content_type(headers: &HeaderMap) -> Result<(), ReceiverError> {
+    let value = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let essence = value.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ReceiverError::new(
+            ErrorKind::UnsupportedMediaType,
+            format!("content type must be application/json, not {:?}", value.chars().take(80).collect::<String>()),
+        ))
+    }
+}
+
+/// Reads the body, stopping as soon as it passes `limit` bytes: a declared
+/// length beyond the limit is refused without reading anything.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ReceiverError> {
+    let too_large = || {
+        ReceiverError::new(
+            ErrorKind::PayloadTooLarge,
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    };
+    let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::with_capacity(declared.unwrap_or(0) as usize);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ReceiverError::bad_request(format!("cannot read request body: {e}")))?;
+        if buf.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// Strict JSON: unknown fields and invalid UTF-8 are refused with serde's
+/// message, which names the line and column.
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ReceiverError> {
+    serde_json::from_slice(body).map_err(|e| ReceiverError::bad_request(format!("invalid request body: {e}")))
+}

@@ -1,0 +1,203 @@
+//! The receiver's bookkeeping in schema `ctmirror` of the partner database:
+//! which mirror tables exist, the schema each was created with, and the
+//! cursor each holds. The cursor lives here, not with the agent, and is
+//! written in the same transaction as the rows it covers.
+
+use super::error::ReceiverError;
+use crate::ids::TenantId;
+use crate::protocol::{Cursor, TableSchema};
+use std::collections::HashSet;
+use tokio_postgres::{GenericClient, Transaction};
+
+/// Serializes migrations of receivers that start at the same time; the
+/// value is arbitrary but fixed ("ctmirror" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6374_6d69_7272_6f72;
+
+/// Schema migrations in order; each runs once, in the transaction that
+/// records it. Append only: a released migration never changes.
+const MIGRATIONS: &[&str] = &[
+    // 1: bookkeeping of mirror tables and completed cycles.
+    "CREATE TABLE ctmirror.tables (
+        tenant text NOT NULL,
+        table_name text NOT NULL,
+        schema jsonb NOT NULL,
+        schema_hash text NOT NULL,
+        source_identity text NOT NULL,
+        cursor jsonb,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (tenant, table_name)
+    );
+    CREATE TABLE ctmirror.completions (
+        id bigserial PRIMARY KEY,
+        tenant text NOT NULL,
+        completed_at timestamptz NOT NULL DEFAULT now(),
+        report jsonb NOT NULL
+    );
+    CREATE INDEX completions_tenant ON ctmirror.completions (tenant, completed_at);",
+];
+
+/// Brings schema `ctmirror` up to date. Idempotent, and safe when several
+/// receivers start together: the transaction-scoped advisory lock makes
+/// them take turns, and each sees what the one before it recorded.
+pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), ReceiverError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+    tx.batch_execute(
+        "CREATE SCHEMA IF NOT EXISTS ctmirror;
+         CREATE TABLE IF NOT EXISTS ctmirror.migrations (
+            version integer PRIMARY KEY,
+            applied_at timestamptz NOT NULL DEFAULT now()
+         );",
+    )
+    .await?;
+    let applied: HashSet<i32> =
+        tx.query("SELECT version FROM ctmirror.migrations", &[]).await?.iter().map(|r| r.get(0)).collect();
+    for (i, sql) in MIGRATIONS.iter().enumerate() {
+        let version = i as i32 + 1;
+        if !applied.contains(&version) {
+            tx.batch_execute(sql).await?;
+            tx.execute("INSERT INTO ctmirror.migrations (version) VALUES ($1)", &[&version]).await?;
+            tracing::info!(version, "applied receiver migration");
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// One row of `ctmirror.tables`.
+#[derive(Debug, Clone)]
+pub struct TableRow {
+    pub name: String,
+    pub schema: TableSchema,
+    pub schema_hash: String,
+    pub cursor: Option<Cursor>,
+}
+
+const SELECT_ROW: &str = "SELECT table_name, schema::text, schema_hash, cursor::text FROM ctmirror.tables";
+
+fn decode_row(row: &tokio_postgres::Row) -> Result<TableRow, ReceiverError> {
+    let name: String = row.get(0);
+    let schema_text: String = row.get(1);
+    let cursor_text: Option<String> = row.get(3);
+    let schema = serde_json::from_str(&schema_text)
+        .map_err(|e| ReceiverError::internal(format!("stored schema of table {name:?} is unreadable: {e}")))?;
+    let cursor = cursor_text
+        .map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(|e| ReceiverError::internal(format!("stored cursor of table {name:?} is unreadable: {e}")))?;
+    Ok(TableRow { schema, schema_hash: row.get(2), cursor, name })
+}
+
+/// The table's bookkeeping row, locked until the transaction ends so that
+/// concurrent batches for one table apply one after the other.
+pub async fn lock_table(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    table: &str,
+) -> Result<Option<TableRow>, ReceiverError> {
+    let sql = format!("{SELECT_ROW} WHERE tenant = $1 AND table_name = $2 FOR UPDATE");
+    tx.query_opt(&sql, &[&tenant.as_str(), &table]).await?.as_ref().map(decode_row).transpose()
+}
+
+/// Every bookkeeping row of the tenant, locked.
+pub async fn lock_all(tx: &Transaction<'_>, tenant: &TenantId) -> Result<Vec<TableRow>, ReceiverError> {
+    let sql = format!("{SELECT_ROW} WHERE tenant = $1 ORDER BY table_name FOR UPDATE");
+    tx.query(&sql, &[&tenant.as_str()]).await?.iter().map(decode_row).collect()
+}
+
+/// Makes schema calls of one tenant take turns, so two of them never race
+/// to create the same mirror table.
+pub async fn lock_tenant(tx: &Transaction<'_>, tenant: &TenantId) -> Result<(), ReceiverError> {
+    let key = format!("ctmirror.tenant:{tenant}");
+    tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&key]).await?;
+    Ok(())
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String, ReceiverError> {
+    serde_json::to_string(v).map_err(|e| ReceiverError::internal(format!("cannot encode JSON: {e}")))
+}
+
+/// Records a newly created (or recreated) mirror table with no cursor.
+pub async fn upsert_created(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    schema: &TableSchema,
+    source_identity: &str,
+) -> Result<(), ReceiverError> {
+    tx.execute(
+        "INSERT INTO ctmirror.tables (tenant, table_name, schema, schema_hash, source_identity, cursor)
+         VALUES ($1, $2, $3::text::jsonb, $4, $5, NULL)
+         ON CONFLICT (tenant, table_name) DO UPDATE
+         SET schema = EXCLUDED.schema, schema_hash = EXCLUDED.schema_hash,
+             source_identity = EXCLUDED.source_identity, cursor = NULL, updated_at = now()",
+        &[&tenant.as_str(), &schema.name, &to_json(schema)?, &schema.hash(), &source_identity],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn set_source_identity(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    table: &str,
+    source_identity: &str,
+) -> Result<(), ReceiverError> {
+    tx.execute(
+        "UPDATE ctmirror.tables SET source_identity = $3, updated_at = now()
+         WHERE tenant = $1 AND table_name = $2 AND source_identity IS DISTINCT FROM $3",
+        &[&tenant.as_str(), &table, &source_identity],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn set_cursor(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    table: &str,
+    cursor: Option<&Cursor>,
+) -> Result<(), ReceiverError> {
+    let json = cursor.map(to_json).transpose()?;
+    tx.execute(
+        "UPDATE ctmirror.tables SET cursor = $3::text::jsonb, updated_at = now()
+         WHERE tenant = $1 AND table_name = $2",
+        &[&tenant.as_str(), &table, &json],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn forget_table(tx: &Transaction<'_>, tenant: &TenantId, table: &str) -> Result<(), ReceiverError> {
+    tx.execute("DELETE FROM ctmirror.tables WHERE tenant = $1 AND table_name = $2", &[&tenant.as_str(), &table])
+        .await?;
+    Ok(())
+}
+
+/// Names of the ordinary (and partitioned) tables in a schema.
+pub async fn physical_tables(client: &impl GenericClient, schema: &str) -> Result<HashSet<String>, ReceiverError> {
+    let rows = client
+        .query(
+            "SELECT c.relname::text FROM pg_catalog.pg_class c
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relkind IN ('r', 'p')",
+            &[&schema],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Records a completed cycle's report; returns its id.
+pub async fn record_completion(
+    client: &impl GenericClient,
+    tenant: &TenantId,
+    report: &impl serde::Serialize,
+) -> Result<i64, ReceiverError> {
+    let row = client
+        .query_one(
+            "INSERT INTO ctmirror.completions (tenant, report) VALUES ($1, $2::text::jsonb) RETURNING id",
+            &[&tenant.as_str(), &to_json(report)?],
+        )
+        .await?;
+    Ok(row.get(0))
+}

@@ -1,0 +1,947 @@
+//! The receiver over real HTTP against a real PostgreSQL: every test starts
+//! its own service on its own database and speaks the protocol the way the
+//! agent does, signing with `RequestSigner`.
+
+mod support;
+
+use ctmirror::auth::{self, check_receiver_answer, Claims, Keypair, PublicKey, RequestSigner, Role};
+use ctmirror::config::{HookConfig, ReceiverConfig};
+use ctmirror::ids::{AppId, TenantId};
+use ctmirror::protocol::{ColumnSchema, ColumnType, Cursor, TableSchema, TableSchemaResponse, TableStatus, Version};
+use ctmirror::receiver::{quote_ident, ReceiverService};
+use serde_json::{json, Value as Json};
+use std::future::IntoFuture;
+
+const TENANT: &str = "acme";
+
+fn config(url: &str) -> ReceiverConfig {
+    ReceiverConfig {
+        listen: "127.0.0.1:0".into(),
+        database_url: url.into(),
+        application: AppId::new("crm").unwrap(),
+        private_key: "unused".into(),
+        agent_public_key: "unused".into(),
+        max_clock_skew_secs: 300,
+        max_body_bytes: 1 << 20,
+        drop_unmapped_tables: true,
+        paused_reason: None,
+        hooks: HookConfig::default(),
+    }
+}
+
+/// A receiver on its own database and port, and an agent-side signer.
+struct Rig {
+    db: support::TestDb,
+    base: String,
+    signer: RequestSigner,
+    partner_public: PublicKey,
+    http: reqwest::Client,
+}
+
+struct Answer {
+    status: u16,
+    body: Json,
+}
+
+impl Answer {
+    fn kind(&self) -> &str {
+        self.body["error"]["kind"].as_str().unwrap_or("<none>")
+    }
+    fn ok<T: serde::de::DeserializeOwned>(self) -> T {
+        assert_eq!(self.status, 200, "{}", self.body);
+        serde_json::from_value(self.body).unwrap()
+    }
+}
+
+impl Rig {
+    async fn start(label: &str) -> Rig {
+        Rig::start_with(label, |_| {}).await
+    }
+
+    async fn start_with(label: &str, tweak: impl FnOnce(&mut ReceiverConfig)) -> Rig {
+        let db = support::TestDb::create(label).await;
+        let mut cfg = config(&db.url);
+        tweak(&mut cfg);
+        let partner = Keypair::generate();
+        let partner_public = partner.public();
+        let agent = Keypair::generate();
+        let svc = ReceiverService::with_keys(cfg, partner, agent.public()).await.expect("receiver starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(axum::serve(listener, svc.router()).into_future());
+        let signer =
+            RequestSigner { key: agent, tenant: TenantId::new(TENANT).unwrap(), app: AppId::new("crm").unwrap() };
+        Rig { db, base, signer, partner_public, http: reqwest::Client::new() }
+    }
+
+    fn path(&self, op: &str) -> String {
+        format!("/v1/tenants/{TENANT}/{op}")
+    }
+
+    async fn send(&self, path: &str, content_type: Option<&str>, auth: Option<String>, body: Vec<u8>) -> Answer {
+        let mut req = self.http.post(format!("{}{path}", self.base)).body(body);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = req.send().await.expect("request reaches the receiver");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("answer {status} is not JSON: {text:?}"));
+        Answer { status, body }
+    }
+
+    /// A correctly signed call, as the agent makes it.
+    async fn call(&self, op: &str, body: &Json) -> Answer {
+        let path = self.path(op);
+        let bytes = serde_json::to_vec(body).unwrap();
+        let (_, auth) = self.signer.authorize("POST", &path, &bytes);
+        self.send(&path, Some("application/json"), Some(auth), bytes).await
+    }
+
+    async fn schema(&self, tables: &[TableSchema]) -> TableSchemaResponse {
+        self.call("schema", &json!({"source_identity": "src-1", "tables": tables})).await.ok()
+    }
+
+    async fn client(&self) -> tokio_postgres::Client {
+        self.db.client().await
+    }
+
+    /// Every row of a mirror table as JSON text, in key order.
+    async fn dump(&self, table: &str) -> Vec<String> {
+        let sql = format!(
+            "SELECT to_jsonb(t)::text FROM {}.{} t ORDER BY 1",
+            quote_ident(&format!("mirror_{TENANT}")),
+            quote_ident(table)
+        );
+        self.client().await.query(&sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+    }
+
+    async fn cursor(&self, table: &str) -> Option<Cursor> {
+        let row = self
+            .client()
+            .await
+            .query_one(
+                "SELECT cursor::text FROM ctmirror.tables WHERE tenant = $1 AND table_name = $2",
+                &[&TENANT, &table],
+            )
+            .await
+            .unwrap();
+        row.get::<_, Option<String>>(0).map(|t| serde_json::from_str(&t).unwrap())
+    }
+
+    async fn bookkeeping_rows(&self) -> i64 {
+        self.client().await.query_one("SELECT count(*) FROM ctmirror.tables", &[]).await.unwrap().get(0)
+    }
+
+    async fn mirror_tables(&self) -> Vec<String> {
+        self.client()
+            .await
+            .query(
+                "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1",
+                &[&format!("mirror_{TENANT}")],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    async fn assert_nothing_written(&self) {
+        assert_eq!(self.bookkeeping_rows().await, 0, "bookkeeping rows were written");
+        assert!(self.mirror_tables().await.is_empty(), "mirror tables were created");
+    }
+}
+
+fn col(name: &str, data_type: ColumnType, nullable: bool) -> ColumnSchema {
+    ColumnSchema { name: name.into(), data_type, nullable }
+}
+
+/// id bigint key, name varchar(20), qty smallint not null, price numeric(5,2).
+fn items() -> TableSchema {
+    TableSchema {
+        name: "items".into(),
+        columns: vec![
+            col("id", ColumnType::Int64, false),
+            col("name", ColumnType::Text { max_length: Some(20) }, true),
+            col("qty", ColumnType::Int16, false),
+            col("price", ColumnType::Decimal { precision: Some(5), scale: Some(2) }, true),
+        ],
+        primary_key: vec!["id".into()],
+    }
+}
+
+fn changes(v: i64) -> Cursor {
+    Cursor::Changes { version: Version(v), after_key: None }
+}
+
+fn batch(table: &TableSchema, from: Option<Cursor>, to: Cursor, rows: Json) -> Json {
+    json!({"table": table.name, "schema_hash": table.hash(), "from": from, "to": to, "rows": rows})
+}
+
+fn upsert(version: i64, values: Json) -> Json {
+    json!({"op": "upsert", "version": version, "values": values})
+}
+
+fn delete(version: i64, key: Json) -> Json {
+    json!({"op": "delete", "version": version, "key": key})
+}
+
+/// `items` created and filled with ids 1 and 2, cursor at changes@1.
+async fn rig_with_items(label: &str) -> Rig {
+    let rig = Rig::start(label).await;
+    rig.schema(&[items()]).await;
+    let b = batch(
+        &items(),
+        None,
+        changes(1),
+        json!([upsert(1, json!([1, "one", 1, "1.50"])), upsert(1, json!([2, "two", 2, null]))]),
+    );
+    let a = rig.call("rows", &b).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    rig
+}
+
+// ---------------------------------------------------------------- auth
+
+#[tokio::test]
+async fn authenticate_answer_verifies_with_partner_key_and_echoes_nonce() {
+    let rig = Rig::start("auth_ok").await;
+    let path = rig.path("authenticate");
+    let body = serde_json::to_vec(&json!({"agent": "ctmirror-test 0.1"})).unwrap();
+    let (claims, header) = rig.signer.authorize("POST", &path, &body);
+    let a = rig.send(&path, Some("application/json"), Some(header), body).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["replicate"], true);
+    let token = a.body["token"].as_str().unwrap();
+    check_receiver_answer(token, &rig.partner_public, &claims, 300, auth::now_unix()).expect("answer verifies");
+    let stranger = Keypair::generate().public();
+    assert!(check_receiver_answer(token, &stranger, &claims, 300, auth::now_unix()).is_err());
+    let mut other = claims.clone();
+    other.nonce = auth::new_nonce();
+    assert!(check_receiver_answer(token, &rig.partner_public, &other, 300, auth::now_unix()).is_err());
+}
+
+#[tokio::test]
+async fn paused_receiver_answers_do_not_replicate() {
+    let rig = Rig::start_with("auth_paused", |c| c.paused_reason = Some("maintenance until 03:00".into())).await;
+    let a = rig.call("authenticate", &json!({"agent": "t"})).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["replicate"], false);
+    assert_eq!(a.body["reason"], "maintenance until 03:00");
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_401_and_nothing_is_written() {
+    let rig = Rig::start("auth_bad").await;
+    let path = rig.path("schema");
+    let body = serde_json::to_vec(&json!({"source_identity": "s", "tables": [items()]})).unwrap();
+    let claims = |ts_offset: i64, tenant: &str, body: &[u8]| Claims {
+        role: Role::Agent,
+        tenant: TenantId::new(tenant).unwrap(),
+        app: AppId::new("crm").unwrap(),
+        ts: auth::now_unix() + ts_offset,
+        nonce: auth::new_nonce(),
+        method: "POST".into(),
+        path: format!("/v1/tenants/{tenant}/schema"),
+        body_sha256: auth::body_digest(body),
+    };
+    let agent = &rig.signer.key;
+    let stranger = Keypair::generate();
+    let header = |key: &Keypair, c: &Claims| Some(format!("CtMirror {}", key.sign(c)));
+    let cases: Vec<(&str, Option<String>, &str)> = vec![
+        ("missing header", None, "missing"),
+        ("garbage", Some("CtMirror not-a-token".into()), "malformed"),
+        ("bearer scheme", Some("Bearer abc".into()), "missing"),
+        ("wrong key", header(&stranger, &claims(0, TENANT, &body)), "signature"),
+        ("expired", header(agent, &claims(-600, TENANT, &body)), "timestamp"),
+        ("from the future", header(agent, &claims(600, TENANT, &body)), "timestamp"),
+        ("other tenant", header(agent, &claims(0, "other", &body)), "tenant"),
+        ("other body", header(agent, &claims(0, TENANT, b"{}")), "body"),
+    ];
+    for (what, auth, expected) in cases {
+        let a = rig.send(&path, Some("application/json"), auth, body.clone()).await;
+        assert_eq!(a.status, 401, "{what}: {}", a.body);
+        assert_eq!(a.kind(), "unauthorized", "{what}");
+        assert_eq!(a.body["error"]["retryable"], false);
+        let msg = a.body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(expected), "{what}: {msg}");
+        assert!(!msg.contains(&agent.public_base64()), "{what}: message leaks key material");
+    }
+    // A token for another operation's path does not open this one either.
+    let (_, wipe_token) = rig.signer.authorize("POST", &rig.path("wipe"), &body);
+    let a = rig.send(&path, Some("application/json"), Some(wipe_token), body.clone()).await;
+    assert_eq!(a.status, 401, "{}", a.body);
+    rig.assert_nothing_written().await;
+}
+
+// ---------------------------------------------------------------- transport
+
+/// What is wrong, content type, body, expected status and error kind.
+type TransportCase<'a> = (&'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
+
+#[tokio::test]
+async fn malformed_requests_are_refused_before_anything_is_written() {
+    let rig = Rig::start_with("malformed", |c| c.max_body_bytes = 4096).await;
+    let path = rig.path("schema");
+    let signed = |body: &[u8]| rig.signer.authorize("POST", &path, body).1;
+    let good = serde_json::to_vec(&json!({"source_identity": "s", "tables": [items()]})).unwrap();
+
+    let cases: Vec<TransportCase> = vec![
+        ("malformed json", Some("application/json"), b"{\"tables\": [".to_vec(), 400, "bad_request"),
+        (
+            "unknown field",
+            Some("application/json"),
+            serde_json::to_vec(&json!({"source_identity": "s", "tables": [], "extra": 1})).unwrap(),
+            400,
+            "bad_request",
+        ),
+        (
+            "invalid utf-8",
+            Some("application/json"),
+            b"{\"source_identity\": \"\xff\xfe\", \"tables\": []}".to_vec(),
+            400,
+            "bad_request",
+        ),
+        ("wrong content type", Some("text/plain"), good.clone(), 415, "unsupported_media_type"),
+        ("no content type", None, good.clone(), 415, "unsupported_media_type"),
+        ("oversized", Some("application/json"), vec![b' '; 5000], 413, "payload_too_large"),
+    ];
+    for (what, ct, body, status, kind) in cases {
+        let auth = signed(&body);
+        let a = rig.send(&path, ct, Some(auth), body).await;
+        assert_eq!(a.status, status, "{what}: {}", a.body);
+        assert_eq!(a.kind(), kind, "{what}");
+    }
+    let a = rig.send(&path, Some("application/json; charset=utf-8"), Some(signed(b"[")), b"[".to_vec()).await;
+    assert_eq!((a.status, a.kind()), (400, "bad_request"), "charset parameter is accepted, then JSON fails");
+
+    let a =
+        rig.send("/v1/tenants/Not-A-Tenant/schema", Some("application/json"), Some(signed(&good)), good.clone()).await;
+    assert_eq!((a.status, a.kind()), (400, "bad_request"), "{}", a.body);
+    let a = rig.send("/v1/elsewhere", Some("application/json"), None, good.clone()).await;
+    assert_eq!(a.status, 404, "{}", a.body);
+    let resp = rig.http.get(format!("{}{path}", rig.base)).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 405);
+    let body: Json = resp.json().await.unwrap();
+    assert_eq!(body["error"]["kind"], "method_not_allowed");
+    rig.assert_nothing_written().await;
+}
+
+// ---------------------------------------------------------------- schema
+
+fn all_types() -> TableSchema {
+    use ColumnType as T;
+    TableSchema {
+        name: "all_types".into(),
+        columns: vec![
+            col("id", T::Int32, false),
+            col("b", T::Bool, true),
+            col("i16", T::Int16, true),
+            col("i64", T::Int64, true),
+            col("f32", T::Float32, true),
+            col("f64", T::Float64, true),
+            col("dec", T::Decimal { precision: Some(10), scale: Some(2) }, true),
+            col("dec_any", T::Decimal { precision: None, scale: None }, true),
+            col("txt", T::Text { max_length: Some(20) }, false),
+            col("txt_any", T::Text { max_length: None }, true),
+            col("fixed", T::FixedText { length: 3 }, true),
+            col("bin", T::Bytes { max_length: None }, true),
+            col("d", T::Date, true),
+            col("tm", T::Time { precision: Some(3) }, true),
+            col("ts", T::Timestamp { precision: None }, true),
+            col("tstz", T::TimestampTz { precision: Some(6) }, true),
+            col("u", T::Uuid, true),
+            col("j", T::Json, true),
+        ],
+        primary_key: vec!["id".into()],
+    }
+}
+
+#[tokio::test]
+async fn schema_creates_tables_with_exact_column_types() {
+    let rig = Rig::start("schema_types").await;
+    let answer = rig.schema(&[all_types()]).await;
+    assert_eq!(answer.tables.len(), 1);
+    assert_eq!(answer.tables[0].status, TableStatus::Created);
+    assert_eq!(answer.tables[0].cursor, None);
+    assert_eq!(answer.tables[0].schema_hash, all_types().hash());
+
+    let client = rig.client().await;
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull
+             FROM pg_attribute a WHERE a.attrelid = 'mirror_acme.all_types'::regclass AND a.attnum > 0
+             ORDER BY a.attnum",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let expected = [
+        ("id", "integer", true),
+        ("b", "boolean", false),
+        ("i16", "smallint", false),
+        ("i64", "bigint", false),
+        ("f32", "real", false),
+        ("f64", "double precision", false),
+        ("dec", "numeric(10,2)", false),
+        ("dec_any", "numeric", false),
+        ("txt", "character varying(20)", true),
+        ("txt_any", "text", false),
+        ("fixed", "character(3)", false),
+        ("bin", "bytea", false),
+        ("d", "date", false),
+        ("tm", "time(3) without time zone", false),
+        ("ts", "timestamp without time zone", false),
+        ("tstz", "timestamp(6) with time zone", false),
+        ("u", "uuid", false),
+        ("j", "jsonb", false),
+    ];
+    let expected: Vec<(String, String, bool)> =
+        expected.iter().map(|(n, t, nn)| (n.to_string(), t.to_string(), *nn)).collect();
+    assert_eq!(got, expected);
+    let is_nullable: String = client
+        .query_one(
+            "SELECT is_nullable::text FROM information_schema.columns
+             WHERE table_schema = 'mirror_acme' AND table_name = 'all_types' AND column_name = 'b'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(is_nullable, "YES");
+    let pk: String = client
+        .query_one(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint
+             WHERE conrelid = 'mirror_acme.all_types'::regclass AND contype = 'p'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pk, "PRIMARY KEY (id)");
+}
+
+#[tokio::test]
+async fn every_type_stores_its_wire_value() {
+    let rig = Rig::start("every_type").await;
+    rig.schema(&[all_types()]).await;
+    let values = json!([
+        1,
+        true,
+        -32768,
+        9007199254740993i64,
+        1.5,
+        "NaN",
+        "12345678.91",
+        "-1",
+        "héllo \"quoted\"",
+        "tab\there",
+        "ab",
+        "AAH/",
+        "2024-02-29",
+        "23:59:59.123",
+        "2024-01-01T10:00:00.5",
+        "2024-01-01T10:00:00+02:00",
+        "123e4567-e89b-12d3-a456-426614174000",
+        "{\"a\": [1, 2]}"
+    ]);
+    let a = rig.call("rows", &batch(&all_types(), None, changes(3), json!([upsert(3, values)]))).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let row = rig
+        .client()
+        .await
+        .query_one(
+            "SELECT b::text, i16::text, i64::text, f32::text, f64::text, dec::text, dec_any::text, txt, txt_any,
+                    fixed, encode(bin, 'hex'), d::text, tm::text, ts::text,
+                    to_char(tstz AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), u::text, j::text
+             FROM mirror_acme.all_types WHERE id = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<String> = (0..17).map(|i| row.get(i)).collect();
+    assert_eq!(
+        got,
+        [
+            "true",
+            "-32768",
+            "9007199254740993",
+            "1.5",
+            "NaN",
+            "12345678.91",
+            "-1",
+            "héllo \"quoted\"",
+            "tab\there",
+            "ab ",
+            "0001ff",
+            "2024-02-29",
+            "23:59:59.123",
+            "2024-01-01 10:00:00.5",
+            "2024-01-01 08:00:00",
+            "123e4567-e89b-12d3-a456-426614174000",
+            "{\"a\": [1, 2]}"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn schema_answers_created_then_unchanged_with_the_cursor() {
+    let rig = rig_with_items("schema_unchanged").await;
+    let again = rig.schema(&[items()]).await;
+    assert_eq!(again.tables[0].status, TableStatus::Unchanged);
+    assert_eq!(again.tables[0].cursor, Some(changes(1)));
+    assert!(again.dropped.is_empty());
+    assert_eq!(rig.dump("items").await.len(), 2, "rows survive an unchanged schema call");
+}
+
+#[tokio::test]
+async fn changed_schema_is_refused_and_table_and_cursor_kept() {
+    let rig = rig_with_items("schema_refused").await;
+    let mut changed = items();
+    changed.columns[2].data_type = ColumnType::Int32;
+    changed.columns.push(col("added", ColumnType::Bool, true));
+    let answer = rig.schema(&[changed]).await;
+    let t = &answer.tables[0];
+    assert_eq!(t.status, TableStatus::Refused);
+    assert_eq!(t.cursor, Some(changes(1)));
+    assert_eq!(t.schema_hash, items().hash(), "answers the hash batches must name");
+    let msg = t.message.as_deref().unwrap();
+    assert!(msg.contains("schema of table \"items\" changed"), "{msg}");
+    assert!(msg.contains("smallint -> integer") && msg.contains("\"added\" added"), "{msg}");
+    assert!(msg.contains("schema evolution is not supported yet"), "{msg}");
+    assert_eq!(rig.dump("items").await.len(), 2);
+    assert_eq!(rig.cursor("items").await, Some(changes(1)));
+}
+
+#[tokio::test]
+async fn table_missing_from_a_later_schema_call_is_dropped() {
+    let rig = rig_with_items("schema_drop").await;
+    let answer = rig.schema(&[all_types()]).await;
+    assert_eq!(answer.dropped, vec!["items".to_string()]);
+    assert_eq!(rig.mirror_tables().await, vec!["all_types".to_string()]);
+    assert_eq!(rig.bookkeeping_rows().await, 1);
+}
+
+#[tokio::test]
+async fn table_missing_from_a_later_schema_call_is_kept_when_configured() {
+    let rig = Rig::start_with("schema_keep", |c| c.drop_unmapped_tables = false).await;
+    rig.schema(&[items()]).await;
+    let answer = rig.schema(&[all_types()]).await;
+    assert_eq!(answer.dropped, vec!["items".to_string()]);
+    assert_eq!(rig.mirror_tables().await, vec!["all_types".to_string(), "items".to_string()]);
+    assert_eq!(rig.bookkeeping_rows().await, 2);
+}
+
+#[tokio::test]
+async fn skipped_tables_are_kept_untouched() {
+    let rig = rig_with_items("schema_skipped").await;
+    let a =
+        rig.call("schema", &json!({"source_identity": "src-1", "tables": [all_types()], "skipped": ["items"]})).await;
+    let answer: TableSchemaResponse = a.ok();
+    assert!(answer.dropped.is_empty(), "{:?}", answer.dropped);
+    assert_eq!(rig.dump("items").await.len(), 2);
+    assert_eq!(rig.cursor("items").await, Some(changes(1)));
+    let a = rig.call("schema", &json!({"source_identity": "s", "tables": [items()], "skipped": ["items"]})).await;
+    assert_eq!((a.status, a.kind()), (400, "bad_request"), "{}", a.body);
+}
+
+#[tokio::test]
+async fn mirror_table_dropped_by_the_partner_is_recreated_without_cursor() {
+    let rig = rig_with_items("schema_recreate").await;
+    rig.client().await.batch_execute("DROP TABLE mirror_acme.items").await.unwrap();
+    let answer = rig.schema(&[items()]).await;
+    assert_eq!(answer.tables[0].status, TableStatus::Created);
+    assert_eq!(answer.tables[0].cursor, None);
+    assert_eq!(rig.cursor("items").await, None);
+    assert!(rig.dump("items").await.is_empty());
+}
+
+#[tokio::test]
+async fn leftover_table_without_bookkeeping_is_replaced() {
+    let rig = Rig::start("schema_leftover").await;
+    rig.client()
+        .await
+        .batch_execute("CREATE SCHEMA mirror_acme; CREATE TABLE mirror_acme.items (junk text); INSERT INTO mirror_acme.items VALUES ('x')")
+        .await
+        .unwrap();
+    let answer = rig.schema(&[items()]).await;
+    assert_eq!(answer.tables[0].status, TableStatus::Created);
+    assert!(rig.dump("items").await.is_empty());
+    let a = rig.call("rows", &batch(&items(), None, changes(1), json!([upsert(1, json!([1, null, 1, null]))]))).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+}
+
+#[tokio::test]
+async fn invalid_schema_calls_are_refused_whole() {
+    let rig = Rig::start("schema_invalid").await;
+    let mut no_key = all_types();
+    no_key.primary_key.clear();
+    for tables in [vec![items(), items()], vec![items(), no_key]] {
+        let a = rig.call("schema", &json!({"source_identity": "s", "tables": tables})).await;
+        assert_eq!((a.status, a.kind()), (400, "bad_request"), "{}", a.body);
+    }
+    rig.assert_nothing_written().await;
+}
+
+// ---------------------------------------------------------------- rows
+
+#[tokio::test]
+async fn batch_applies_upserts_and_deletes_with_counts() {
+    let rig = rig_with_items("rows_apply").await;
+    let b = batch(
+        &items(),
+        Some(changes(1)),
+        changes(2),
+        json!([
+            upsert(2, json!([2, "two again", 5, "9.99"])),
+            upsert(2, json!([3, "three", 3, "-1.25"])),
+            delete(2, json!([1])),
+            delete(2, json!([42])),
+        ]),
+    );
+    let a = rig.call("rows", &b).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["applied"], true);
+    assert_eq!(a.body["counts"], json!({"inserted": 1, "updated": 1, "deleted": 1}));
+    assert_eq!(serde_json::from_value::<Cursor>(a.body["cursor"].clone()).unwrap(), changes(2));
+    assert_eq!(
+        rig.dump("items").await,
+        vec![
+            r#"{"id": 2, "qty": 5, "name": "two again", "price": 9.99}"#.to_string(),
+            r#"{"id": 3, "qty": 3, "name": "three", "price": -1.25}"#.to_string(),
+        ]
+    );
+    assert_eq!(rig.cursor("items").await, Some(changes(2)));
+}
+
+#[tokio::test]
+async fn resent_batch_is_acknowledged_without_changes() {
+    let rig = rig_with_items("rows_resend").await;
+    let b = batch(&items(), Some(changes(1)), changes(2), json!([upsert(2, json!([5, "five", 5, null]))]));
+    assert_eq!(rig.call("rows", &b).await.status, 200);
+    // The partner edits the row; a re-send must not overwrite it.
+    rig.client().await.batch_execute("UPDATE mirror_acme.items SET name = 'edited' WHERE id = 5").await.unwrap();
+    let before = rig.dump("items").await;
+    let a = rig.call("rows", &b).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["applied"], false);
+    assert_eq!(a.body["counts"], json!({"inserted": 0, "updated": 0, "deleted": 0}));
+    assert_eq!(serde_json::from_value::<Cursor>(a.body["cursor"].clone()).unwrap(), changes(2));
+    assert_eq!(rig.dump("items").await, before);
+}
+
+#[tokio::test]
+async fn batch_from_another_cursor_conflicts_with_the_current_cursor() {
+    let rig = rig_with_items("rows_conflict").await;
+    for from in [None, Some(changes(0)), Some(Cursor::Snapshot { version: Version(1), after_key: None })] {
+        let a =
+            rig.call("rows", &batch(&items(), from, changes(5), json!([upsert(5, json!([9, null, 1, null]))]))).await;
+        assert_eq!((a.status, a.kind()), (409, "conflict"), "{}", a.body);
+        assert_eq!(serde_json::from_value::<Cursor>(a.body["error"]["cursor"].clone()).unwrap(), changes(1));
+        assert_eq!(a.body["error"]["table"], "items");
+        assert_eq!(a.body["error"]["retryable"], false);
+    }
+    assert_eq!(rig.dump("items").await.len(), 2);
+}
+
+#[tokio::test]
+async fn backwards_cursor_is_a_bad_request() {
+    let rig = Rig::start("rows_backwards").await;
+    rig.schema(&[items()]).await;
+    let a = rig.call("rows", &batch(&items(), None, changes(10), json!([]))).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = rig.call("rows", &batch(&items(), Some(changes(10)), changes(9), json!([]))).await;
+    assert_eq!((a.status, a.kind()), (400, "bad_request"), "{}", a.body);
+    let snap = Cursor::Snapshot { version: Version(11), after_key: None };
+    let a = rig.call("rows", &batch(&items(), Some(changes(10)), snap, json!([]))).await;
+    assert_eq!((a.status, a.kind()), (400, "bad_request"), "{}", a.body);
+    assert_eq!(rig.cursor("items").await, Some(changes(10)));
+}
+
+#[tokio::test]
+async fn unknown_table_and_other_schema_are_409() {
+    let rig = rig_with_items("rows_unknown").await;
+    let mut ghost = items();
+    ghost.name = "ghost".into();
+    let a = rig.call("rows", &batch(&ghost, None, changes(1), json!([]))).await;
+    assert_eq!((a.status, a.kind()), (409, "unknown_table"), "{}", a.body);
+    let mut b = batch(&items(), Some(changes(1)), changes(2), json!([]));
+    b["schema_hash"] = json!("0000");
+    let a = rig.call("rows", &b).await;
+    assert_eq!((a.status, a.kind()), (409, "schema_mismatch"), "{}", a.body);
+    assert_eq!(rig.cursor("items").await, Some(changes(1)));
+}
+
+#[tokio::test]
+async fn values_contradicting_the_schema_are_refused_and_nothing_is_written() {
+    let rig = rig_with_items("rows_contradict").await;
+    let good = upsert(2, json!([7, "seven", 7, "7.00"]));
+    let cases: Vec<(&str, Json, &str)> = vec![
+        ("missing value", upsert(2, json!([8, "eight", 8])), "expected 4 values"),
+        ("extra value", upsert(2, json!([8, "eight", 8, null, true])), "expected 4 values"),
+        ("wrong type", upsert(2, json!([8, 8, 8, null])), "column \"name\""),
+        ("abc in numeric", upsert(2, json!([8, null, 8, "abc"])), "column \"price\""),
+        ("null key", upsert(2, json!([null, null, 8, null])), "column \"id\""),
+        ("null in not-null column", upsert(2, json!([8, null, null, null])), "column \"qty\""),
+        ("out-of-range smallint", upsert(2, json!([8, null, 40000, null])), "out of range"),
+        ("too long text", upsert(2, json!([8, "x".repeat(21), 1, null])), "exceeds"),
+        ("duplicate key", upsert(2, json!([7, "again", 7, null])), "appears twice"),
+        ("null key in delete", delete(2, json!([null])), "column \"id\""),
+        ("short delete key", delete(2, json!([])), "key of 1 values"),
+        ("version past cursor", upsert(3, json!([8, null, 8, null])), "past the batch's cursor"),
+    ];
+    let before = rig.dump("items").await;
+    for (what, bad, expected) in cases {
+        let a = rig.call("rows", &batch(&items(), Some(changes(1)), changes(2), json!([good.clone(), bad]))).await;
+        assert_eq!((a.status, a.kind()), (400, "bad_request"), "{what}: {}", a.body);
+        let msg = a.body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(expected) && msg.contains("row 1"), "{what}: {msg}");
+        assert_eq!(a.body["error"]["table"], "items", "{what}");
+        assert_eq!(rig.dump("items").await, before, "{what}: rows were written");
+        assert_eq!(rig.cursor("items").await, Some(changes(1)), "{what}: cursor moved");
+    }
+    // NaN is a legal numeric value.
+    let a = rig
+        .call("rows", &batch(&items(), Some(changes(1)), changes(2), json!([upsert(2, json!([8, null, 8, "NaN"]))])))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+}
+
+#[tokio::test]
+async fn values_postgres_rejects_roll_back_the_whole_batch() {
+    let rig = rig_with_items("rows_unprocessable").await;
+    let before = rig.dump("items").await;
+    // numeric(5,2) holds at most 999.99.
+    let b = batch(
+        &items(),
+        Some(changes(1)),
+        changes(2),
+        json!([
+            delete(2, json!([1])),
+            upsert(2, json!([8, "fine", 1, null])),
+            upsert(2, json!([9, "big", 1, "12345.67"]))
+        ]),
+    );
+    let a = rig.call("rows", &b).await;
+    assert_eq!((a.status, a.kind()), (422, "unprocessable"), "{}", a.body);
+    assert_eq!(a.body["error"]["table"], "items");
+    assert_eq!(a.body["error"]["retryable"], false);
+    assert!(a.body["error"]["message"].as_str().unwrap().contains("overflow"), "{}", a.body);
+    assert_eq!(rig.dump("items").await, before);
+    assert_eq!(rig.cursor("items").await, Some(changes(1)));
+
+    rig.client()
+        .await
+        .batch_execute("ALTER TABLE mirror_acme.items ADD CONSTRAINT qty_positive CHECK (qty > 0)")
+        .await
+        .unwrap();
+    let b = batch(
+        &items(),
+        Some(changes(1)),
+        changes(2),
+        json!([upsert(2, json!([8, "fine", 1, null])), upsert(2, json!([9, "negative", -1, null]))]),
+    );
+    let a = rig.call("rows", &b).await;
+    assert_eq!((a.status, a.kind()), (422, "unprocessable"), "{}", a.body);
+    assert!(a.body["error"]["message"].as_str().unwrap().contains("qty_positive"), "{}", a.body);
+    assert_eq!(rig.dump("items").await, before);
+    assert_eq!(rig.cursor("items").await, Some(changes(1)));
+}
+
+#[tokio::test]
+async fn hostile_names_create_and_fill_correctly() {
+    let rig = Rig::start("hostile").await;
+    let table = TableSchema {
+        name: "Order Lines \"2024\"; drop".into(),
+        columns: vec![
+            col("select", ColumnType::Int32, false),
+            col("Mixed Case", ColumnType::Text { max_length: None }, false),
+            col("\"; drop table x; --", ColumnType::Text { max_length: None }, true),
+            col("with space", ColumnType::Bool, true),
+        ],
+        primary_key: vec!["select".into(), "Mixed Case".into()],
+    };
+    let answer = rig.schema(std::slice::from_ref(&table)).await;
+    assert_eq!(answer.tables[0].status, TableStatus::Created);
+    let b = batch(
+        &table,
+        None,
+        changes(1),
+        json!([upsert(1, json!([1, "A", "'); drop", true])), upsert(1, json!([1, "a", null, false]))]),
+    );
+    let a = rig.call("rows", &b).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["counts"]["inserted"], 2);
+    let b = batch(
+        &table,
+        Some(changes(1)),
+        changes(2),
+        json!([delete(2, json!([1, "a"])), upsert(2, json!([1, "A", "x", null]))]),
+    );
+    let a = rig.call("rows", &b).await;
+    assert_eq!(a.body["counts"], json!({"inserted": 0, "updated": 1, "deleted": 1}), "{}", a.body);
+    assert_eq!(rig.mirror_tables().await, vec![table.name.clone()]);
+    let cols: Vec<String> = rig
+        .client()
+        .await
+        .query(
+            "SELECT column_name::text FROM information_schema.columns WHERE table_schema = 'mirror_acme' ORDER BY ordinal_position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(cols, table.columns.iter().map(|c| c.name.clone()).collect::<Vec<_>>());
+    assert_eq!(
+        rig.dump(&table.name).await,
+        vec![r#"{"select": 1, "Mixed Case": "A", "with space": null, "\"; drop table x; --": "x"}"#.to_string()]
+    );
+}
+
+#[tokio::test]
+async fn table_of_only_key_columns_upserts_idempotently() {
+    let rig = Rig::start("keys_only").await;
+    let table = TableSchema {
+        name: "links".into(),
+        columns: vec![col("a", ColumnType::Int64, false), col("b", ColumnType::Uuid, false)],
+        primary_key: vec!["a".into(), "b".into()],
+    };
+    rig.schema(std::slice::from_ref(&table)).await;
+    let u = "123e4567-e89b-12d3-a456-426614174000";
+    let a = rig.call("rows", &batch(&table, None, changes(1), json!([upsert(1, json!([1, u]))]))).await;
+    assert_eq!(a.body["counts"], json!({"inserted": 1, "updated": 0, "deleted": 0}), "{}", a.body);
+    let a = rig.call("rows", &batch(&table, Some(changes(1)), changes(2), json!([upsert(2, json!([1, u]))]))).await;
+    assert_eq!(a.body["counts"], json!({"inserted": 0, "updated": 1, "deleted": 0}), "{}", a.body);
+    assert_eq!(rig.dump("links").await.len(), 1);
+}
+
+// ---------------------------------------------------------------- wipe
+
+#[tokio::test]
+async fn wipe_empties_the_table_and_clears_the_cursor() {
+    let rig = rig_with_items("wipe").await;
+    let a = rig.call("wipe", &json!({"table": "items"})).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body, json!({"table": "items", "rows_removed": 2}));
+    assert!(rig.dump("items").await.is_empty());
+    assert_eq!(rig.cursor("items").await, None);
+    // The next full load starts from no cursor.
+    let a = rig.call("rows", &batch(&items(), None, changes(4), json!([upsert(4, json!([1, null, 1, null]))]))).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = rig.call("wipe", &json!({"table": "ghost"})).await;
+    assert_eq!((a.status, a.kind()), (409, "unknown_table"), "{}", a.body);
+}
+
+// ---------------------------------------------------------------- completed
+
+async fn listen(url: &str, channel: &str) -> (tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use futures_util::StreamExt;
+    let (client, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_owned());
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {}", quote_ident(channel))).await.unwrap();
+    (client, rx)
+}
+
+#[tokio::test]
+async fn completed_records_the_report_runs_analyze_and_notifies() {
+    let rig = Rig::start_with("completed", |c| c.hooks.notify_channel = Some("mirror_done".into())).await;
+    rig.schema(&[items(), all_types()]).await;
+    rig.call("rows", &batch(&items(), None, changes(1), json!([upsert(1, json!([1, null, 1, null]))]))).await;
+    let (_listener, mut notes) = listen(&rig.db.url, "mirror_done").await;
+    let report = json!({"tables": [
+        {"name": "items", "mode": "full", "counts": {"inserted": 1, "updated": 0, "deleted": 0}},
+        {"name": "all_types", "mode": "idle", "counts": {"inserted": 0, "updated": 0, "deleted": 0}},
+    ]});
+    let a = rig.call("completed", &report).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let hooks: Vec<String> = serde_json::from_value(a.body["hooks"].clone()).unwrap();
+    assert_eq!(hooks, vec!["analyze \"items\": ok".to_string(), "notify mirror_done: ok".to_string()]);
+
+    let client = rig.client().await;
+    let stored: String = client
+        .query_one("SELECT report::text FROM ctmirror.completions WHERE tenant = 'acme'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let stored: Json = serde_json::from_str(&stored).unwrap();
+    assert_eq!(stored["tables"][0]["name"], "items");
+    let analyzed: Vec<String> = client
+        // reltuples is -1 until a table is first analyzed (or vacuumed).
+        .query(
+            "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = 'mirror_acme' AND c.relkind = 'r' AND c.reltuples >= 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(analyzed, vec!["items".to_string()], "only changed tables are analyzed");
+
+    let payload =
+        tokio::time::timeout(std::time::Duration::from_secs(10), notes.recv()).await.expect("notification").unwrap();
+    let payload: Json = serde_json::from_str(&payload).unwrap();
+    assert_eq!(payload["tenant"], "acme");
+    assert_eq!(payload["inserted"], 1);
+    assert_eq!(payload["changed"], json!(["items"]));
+}
+
+#[tokio::test]
+async fn sql_hooks_run_in_the_tenant_schema_and_failures_are_reported() {
+    let rig = Rig::start_with("sql_hooks", |c| {
+        c.hooks.sql =
+            vec!["CREATE INDEX IF NOT EXISTS items_name ON items (name)".into(), "SELECT no_such_function()".into()]
+    })
+    .await;
+    rig.schema(&[items()]).await;
+    let a = rig.call("completed", &json!({"tables": []})).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let hooks: Vec<String> = serde_json::from_value(a.body["hooks"].clone()).unwrap();
+    assert_eq!(hooks.len(), 2);
+    assert_eq!(hooks[0], "sql hook 1: ok");
+    assert!(hooks[1].starts_with("sql hook 2: failed") && hooks[1].contains("no_such_function"), "{}", hooks[1]);
+    let n: i64 = rig
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM pg_indexes WHERE schemaname = 'mirror_acme' AND indexname = 'items_name'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}
+
+// ---------------------------------------------------------------- start-up
+
+#[tokio::test]
+async fn receivers_starting_together_migrate_once() {
+    let db = support::TestDb::create("migrate_race").await;
+    let start = || ReceiverService::with_keys(config(&db.url), Keypair::generate(), Keypair::generate().public());
+    let (a, b, c) = tokio::join!(start(), start(), start());
+    assert!(a.is_ok() && b.is_ok() && c.is_ok());
+    let n: i64 = db.client().await.query_one("SELECT count(*) FROM ctmirror.migrations", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn unreachable_database_fails_start_as_unavailable() {
+    let cfg = config("postgres://postgres@127.0.0.1:1/none");
+    let err = ReceiverService::with_keys(cfg, Keypair::generate(), Keypair::generate().public()).await.err().unwrap();
+    assert_eq!(err.kind, ctmirror::receiver::ErrorKind::Unavailable, "{err}");
+    assert!(err.retryable());
+}
