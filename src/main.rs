@@ -124,7 +124,7 @@ async fn verify(config: PathBuf, tenant: TenantId, app: AppId, mirror_url: Strin
     let tables = ctmirror::verify::compare_postgres(&source_url, &mirror_url, &tenant, &map)
         .await
         .map_err(|e| e.to_string())?;
-    println!("{:<24} {:>12} {:>12}  {:<32} {}", "table", "source rows", "mirror rows", "checksum (md5)", "equal");
+    println!("{:<24} {:>12} {:>12}  {:<32} equal", "table", "source rows", "mirror rows", "checksum (md5)");
     for t in &tables {
         println!(
             "{:<24} {:>12} {:>12}  {:<32} {}",

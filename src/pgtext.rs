@@ -11,6 +11,14 @@
 use crate::protocol::{ColumnType, Value};
 use base64::Engine;
 
+/// Quotes one PostgreSQL identifier: `a"b` becomes `"a""b"`. Names come from
+/// tenant databases and schema maps, so every name that reaches SQL text goes
+/// through here; always quoting also keeps case and makes reserved words
+/// ordinary names. Values never go into SQL text: they are parameters.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 /// Turns a wire value into the text PostgreSQL accepts for `ty`, checking it

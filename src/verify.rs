@@ -8,6 +8,7 @@
 //! can reach both databases (PostgreSQL sources).
 
 use crate::ids::TenantId;
+use crate::pgtext::quote_ident;
 use crate::protocol::ColumnType;
 use crate::schema_map::SchemaMap;
 use crate::source::postgres::PostgresSource;
@@ -32,10 +33,6 @@ impl TableComparison {
 #[derive(Debug, thiserror::Error)]
 #[error("verify: {0}")]
 pub struct VerifyError(String);
-
-fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
-}
 
 async fn connect(url: &str) -> Result<Client, VerifyError> {
     let (client, conn) = tokio_postgres::connect(url, NoTls)
@@ -81,13 +78,13 @@ pub async fn compare_postgres(
             .columns
             .iter()
             .map(|c| match c.column.data_type {
-                ColumnType::Json => format!("{}::jsonb::text", quote(&c.column.name)),
-                _ => format!("{}::text", quote(&c.column.name)),
+                ColumnType::Json => format!("{}::jsonb::text", quote_ident(&c.column.name)),
+                _ => format!("{}::text", quote_ident(&c.column.name)),
             })
             .collect();
         let row_expr = format!("ROW({})::text", exprs.join(", "));
-        let src_name = format!("{}.{}", quote(t.schema.as_deref().unwrap_or("public")), quote(&t.table));
-        let dst_name = format!("{}.{}", quote(&tenant.mirror_schema()), quote(t.mirror_name()));
+        let src_name = format!("{}.{}", quote_ident(t.schema.as_deref().unwrap_or("public")), quote_ident(&t.table));
+        let dst_name = format!("{}.{}", quote_ident(&tenant.mirror_schema()), quote_ident(t.mirror_name()));
         let (source_rows, source_md5) = checksum(&src, &src_name, &row_expr).await?;
         let (mirror_rows, mirror_md5) = checksum(&dst, &dst_name, &row_expr).await?;
         out.push(TableComparison { table: t.mirror_name().to_owned(), source_rows, mirror_rows, source_md5, mirror_md5 });

@@ -4,20 +4,7 @@
 //! tenant's database), so every one of them is double-quoted with embedded
 //! quotes doubled. Values never go into SQL text at all; they are parameters.
 
-/// Quotes one identifier: `a"b` becomes `"a""b"`. Always quoting also keeps
-/// case and makes reserved words (`select`) ordinary names.
-pub fn quote_ident(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 2);
-    out.push('"');
-    for c in name.chars() {
-        if c == '"' {
-            out.push('"');
-        }
-        out.push(c);
-    }
-    out.push('"');
-    out
-}
+pub use crate::pgtext::quote_ident;
 
 /// `"schema"."table"`.
 pub fn qualified(schema: &str, table: &str) -> String {

@@ -3,11 +3,7 @@
 //! or reserved words (`select`) are safe; values never appear in SQL text,
 //! they are always parameters.
 
-/// Quotes an identifier for PostgreSQL: double quotes around it, embedded
-/// double quotes doubled.
-pub(crate) fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
+pub(crate) use crate::pgtext::quote_ident;
 
 /// `"schema"."name"`.
 pub(crate) fn qualified(schema: &str, name: &str) -> String {
