@@ -36,13 +36,8 @@ enum Command {
     /// Run one mirroring cycle for one tenant and application. Exits 0 only
     /// when every table succeeded.
     Sync {
-        /// Configuration file with an [agent] section.
-        #[arg(long, short)]
-        config: PathBuf,
-        #[arg(long)]
-        tenant: TenantId,
-        #[arg(long)]
-        app: AppId,
+        #[command(flatten)]
+        pair: PairArgs,
         /// Print the cycle report as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -50,17 +45,24 @@ enum Command {
     /// Compare a PostgreSQL tenant's mapped tables with their mirror: row
     /// counts and checksums. Exits 0 only when every table is equal.
     Verify {
-        /// Configuration file with an [agent] section.
-        #[arg(long, short)]
-        config: PathBuf,
-        #[arg(long)]
-        tenant: TenantId,
-        #[arg(long)]
-        app: AppId,
+        #[command(flatten)]
+        pair: PairArgs,
         /// The receiver's database URL (or env:NAME).
         #[arg(long)]
         mirror_url: String,
     },
+}
+
+/// One tenant and application of an agent configuration.
+#[derive(clap::Args)]
+struct PairArgs {
+    /// Configuration file with an [agent] section.
+    #[arg(long, short)]
+    config: PathBuf,
+    #[arg(long)]
+    tenant: TenantId,
+    #[arg(long)]
+    app: AppId,
 }
 
 fn main() -> ExitCode {
@@ -97,7 +99,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             ctmirror::receiver::serve(cfg, shutdown_signal()).await.map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sync { config, tenant, app, json } => {
+        Command::Sync { pair: PairArgs { config, tenant, app }, json } => {
             let file = ConfigFile::load(&config).map_err(|e| e.to_string())?;
             let cfg = file.agent(&config.display().to_string()).map_err(|e| e.to_string())?;
             let report = agent::sync_once(cfg, &tenant, &app).await.map_err(|e| e.to_string())?;
@@ -108,11 +110,11 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             }
             Ok(if report.succeeded() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Verify { config, tenant, app, mirror_url } => verify(config, tenant, app, mirror_url).await,
+        Command::Verify { pair, mirror_url } => verify(pair, mirror_url).await,
     }
 }
 
-async fn verify(config: PathBuf, tenant: TenantId, app: AppId, mirror_url: String) -> Result<ExitCode, String> {
+async fn verify(PairArgs { config, tenant, app }: PairArgs, mirror_url: String) -> Result<ExitCode, String> {
     use ctmirror::config::resolve_secret;
     let file = ConfigFile::load(&config).map_err(|e| e.to_string())?;
     let cfg = file.agent(&config.display().to_string()).map_err(|e| e.to_string())?;

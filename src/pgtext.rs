@@ -11,6 +11,26 @@
 use crate::protocol::{ColumnType, Value};
 use base64::Engine;
 
+/// The session settings this module's text formats assume: ISO dates, UTC,
+/// hex bytea, shortest-exact floats. Every connection that exchanges values
+/// with this module (source, receiver, verify) uses exactly these.
+pub const SESSION_SETTINGS: [(&str, &str); 4] = [
+    ("DateStyle", "ISO,YMD"),
+    ("TimeZone", "UTC"),
+    ("bytea_output", "hex"),
+    ("extra_float_digits", "1"),
+];
+
+/// [`SESSION_SETTINGS`] as `SET` statements, for a connection already open.
+pub fn session_set_sql() -> String {
+    SESSION_SETTINGS.iter().map(|(k, v)| format!("SET {k} = '{v}'; ")).collect()
+}
+
+/// [`SESSION_SETTINGS`] as libpq startup `options`, for a connection pool.
+pub fn session_options() -> String {
+    SESSION_SETTINGS.iter().map(|(k, v)| format!("-c {k}={v}")).collect::<Vec<_>>().join(" ")
+}
+
 /// Quotes one PostgreSQL identifier: `a"b` becomes `"a""b"`. Names come from
 /// tenant databases and schema maps, so every name that reaches SQL text goes
 /// through here; always quoting also keeps case and makes reserved words

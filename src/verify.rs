@@ -42,7 +42,7 @@ async fn connect(url: &str) -> Result<Client, VerifyError> {
         let _ = conn.await;
     });
     client
-        .batch_execute("SET DateStyle = 'ISO, YMD'; SET TimeZone = 'UTC'; SET extra_float_digits = 1; SET bytea_output = 'hex'")
+        .batch_execute(&crate::pgtext::session_set_sql())
         .await
         .map_err(|e| VerifyError(e.to_string()))?;
     Ok(client)

@@ -137,6 +137,10 @@ pub struct ChangeCounts {
 }
 
 impl ChangeCounts {
+    pub fn is_empty(&self) -> bool {
+        self.inserted + self.updated + self.deleted == 0
+    }
+
     pub fn add(&mut self, other: ChangeCounts) {
         self.inserted += other.inserted;
         self.updated += other.updated;
@@ -192,6 +196,13 @@ pub struct TableReport {
 #[serde(deny_unknown_fields)]
 pub struct CompletedRequest {
     pub tables: Vec<TableReport>,
+}
+
+impl CompletedRequest {
+    /// Names of the tables whose mirror changed in the cycle.
+    pub fn changed_tables(&self) -> Vec<&str> {
+        self.tables.iter().filter(|t| !t.counts.is_empty()).map(|t| t.name.as_str()).collect()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -28,12 +28,7 @@ pub async fn apply(
     let mirror = tenant.mirror_schema();
     let mut done = Vec::new();
 
-    let changed: Vec<&str> = req
-        .tables
-        .iter()
-        .filter(|t| t.counts.inserted + t.counts.updated + t.counts.deleted > 0)
-        .map(|t| t.name.as_str())
-        .collect();
+    let changed: Vec<&str> = req.changed_tables();
     if hooks.analyze && !changed.is_empty() {
         let existing = store::physical_tables(&*client, &mirror).await?;
         for name in &changed {
@@ -96,12 +91,7 @@ pub fn summary(tenant: &TenantId, completion_id: i64, req: &CompletedRequest) ->
     for t in &req.tables {
         total.add(t.counts);
     }
-    let changed: Vec<&str> = req
-        .tables
-        .iter()
-        .filter(|t| t.counts.inserted + t.counts.updated + t.counts.deleted > 0)
-        .map(|t| t.name.as_str())
-        .collect();
+    let changed: Vec<&str> = req.changed_tables();
     let failed: Vec<&str> = req.tables.iter().filter(|t| t.error.is_some()).map(|t| t.name.as_str()).collect();
     let mut json = serde_json::json!({
         "tenant": tenant.as_str(),

@@ -31,9 +31,6 @@ use tokio_postgres::NoTls;
 /// for the length of its transaction.
 const POOL_SIZE: usize = 16;
 
-/// Session settings the value texts of [`crate::pgtext`] assume.
-const SESSION_OPTIONS: &str = "-c TimeZone=UTC -c DateStyle=ISO,YMD -c bytea_output=hex -c extra_float_digits=1";
-
 /// The receiver: cheap to clone, every clone shares keys and pool.
 #[derive(Clone)]
 pub struct ReceiverService {
@@ -92,8 +89,8 @@ fn connect(database_url: &str) -> Result<Pool, ReceiverError> {
     let mut pg: tokio_postgres::Config =
         url.parse().map_err(|e| ReceiverError::startup(format!("database_url is not a valid PostgreSQL URL: {e}")))?;
     let options = match pg.get_options() {
-        Some(existing) => format!("{SESSION_OPTIONS} {existing}"),
-        None => SESSION_OPTIONS.to_owned(),
+        Some(existing) => format!("{} {existing}", crate::pgtext::session_options()),
+        None => crate::pgtext::session_options(),
     };
     pg.options(&options);
     if pg.get_connect_timeout().is_none() {

@@ -206,9 +206,6 @@ impl Pipeline {
     }
 }
 
-pub fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
-}
 
 /// The sample CRM tenant at a small scale (1.0 is about 120,000 rows).
 pub fn sample_crm_sql(scale: f64) -> String {

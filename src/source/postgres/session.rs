@@ -6,18 +6,18 @@ use crate::source::{SourceError, SourceErrorKind};
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, Config, NoTls};
 
-/// Settings [`crate::pgtext`] relies on (ISO dates, UTC, hex bytea,
-/// shortest-exact floats), plus a search path holding only the system
-/// catalog: every object ctmirror names is schema-qualified, so nothing a
-/// tenant puts in `public` can shadow a function or operator we call, and
-/// `format_type` spells user types schema-qualified, which keeps the casts
-/// and side-table columns built from it unambiguous.
-const SESSION_SETTINGS: &str = "SET DateStyle = 'ISO, YMD'; \
-    SET TimeZone = 'UTC'; \
-    SET bytea_output = 'hex'; \
-    SET extra_float_digits = 1; \
-    SET IntervalStyle = 'postgres'; \
-    SET search_path = pg_catalog, pg_temp";
+/// Besides the settings [`crate::pgtext`] relies on, a search path holding
+/// only the system catalog: every object ctmirror names is
+/// schema-qualified, so nothing a tenant puts in `public` can shadow a
+/// function or operator we call, and `format_type` spells user types
+/// schema-qualified, which keeps the casts and side-table columns built from
+/// it unambiguous.
+fn session_settings() -> String {
+    format!(
+        "{}SET IntervalStyle = 'postgres'; SET search_path = pg_catalog, pg_temp",
+        crate::pgtext::session_set_sql()
+    )
+}
 
 /// Connects and prepares the session. Connection failures are transient
 /// (the server may be restarting); a malformed URL is a configuration
@@ -45,7 +45,7 @@ pub(crate) async fn open(url: &str) -> Result<Client, SourceError> {
             tracing::warn!(target = %log_target, error = %describe(&e), "source database connection ended");
         }
     });
-    client.batch_execute(SESSION_SETTINGS).await.map_err(|e| {
+    client.batch_execute(&session_settings()).await.map_err(|e| {
         let mut err = super::errors::pg_error(e, &format!("preparing the session on {target}"), "CONNECT");
         err.message = redact(err.message);
         err
