@@ -68,6 +68,7 @@ impl From<SourceError> for AgentError {
             SourceErrorKind::Transient => AgentErrorKind::Transient,
             SourceErrorKind::Config => AgentErrorKind::Config,
             SourceErrorKind::Data => AgentErrorKind::Data,
+            SourceErrorKind::Expired => AgentErrorKind::NeedsReload,
             SourceErrorKind::Fatal => AgentErrorKind::Fatal,
         };
         Self::new(kind, format!("source: {}", e.message))

@@ -6,6 +6,7 @@
 //! version and whether the row is gone), versions only grow, and changes older
 //! than the table's min valid version are no longer available.
 
+pub mod mssql;
 pub mod postgres;
 
 use crate::protocol::{ColumnSchema, Key, TableSchema, Value, Version};
@@ -134,6 +135,9 @@ pub enum SourceErrorKind {
     Config,
     /// A value that the protocol cannot carry.
     Data,
+    /// The changes after the cursor are no longer complete at the source
+    /// (retention cleanup ran past it): the table needs a full reload.
+    Expired,
     /// Anything else; not retried automatically.
     Fatal,
 }
