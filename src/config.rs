@@ -77,7 +77,10 @@ pub struct AgentConfig {
     /// still travels alone).
     #[serde(default = "default_batch_bytes")]
     pub batch_bytes: usize,
-    /// How long the PostgreSQL source keeps change records (hours).
+    /// How long the source keeps change records (hours): the PostgreSQL
+    /// source's own cleanup, and the CHANGE_RETENTION a SQL Server database
+    /// gets when the agent turns change tracking on (an existing setting
+    /// there is kept).
     #[serde(default = "default_retention")]
     pub change_retention_hours: u32,
     /// HTTP timeout per request, seconds.
@@ -92,7 +95,12 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceKind {
+    /// PostgreSQL with ctmirror's trigger-based change tracking; `url` is a
+    /// `postgres://` URL.
     Postgres,
+    /// SQL Server with native Change Tracking; `url` is an ADO.NET
+    /// connection string or a `jdbc:sqlserver://` URL.
+    Sqlserver,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -4,7 +4,7 @@
 use clap::{Parser, Subcommand};
 use ctmirror::agent::{self, CycleReport};
 use ctmirror::auth::Keypair;
-use ctmirror::config::ConfigFile;
+use ctmirror::config::{ConfigFile, SourceKind};
 use ctmirror::ids::{AppId, TenantId};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -123,10 +123,18 @@ async fn verify(PairArgs { config, tenant, app }: PairArgs, mirror_url: String) 
     let map = ctmirror::schema_map::SchemaMap::load(&a.schema_map).map_err(|e| e.to_string())?;
     let source_url = resolve_secret(&t.url).map_err(|e| e.to_string())?;
     let mirror_url = resolve_secret(&mirror_url).map_err(|e| e.to_string())?;
-    let tables = ctmirror::verify::compare_postgres(&source_url, &mirror_url, &tenant, &map)
-        .await
-        .map_err(|e| e.to_string())?;
-    println!("{:<24} {:>12} {:>12}  {:<32} equal", "table", "source rows", "mirror rows", "checksum (md5)");
+    let tables = match t.source {
+        SourceKind::Postgres => ctmirror::verify::compare_postgres(&source_url, &mirror_url, &tenant, &map).await,
+        SourceKind::Sqlserver => {
+            let retention = std::time::Duration::from_secs(u64::from(cfg.change_retention_hours) * 3600);
+            let mut source = ctmirror::source::mssql::SqlServerSource::connect(&source_url, retention)
+                .await
+                .map_err(|e| e.to_string())?;
+            ctmirror::verify::compare_through_source(&mut source, &mirror_url, &tenant, &map).await
+        }
+    }
+    .map_err(|e| e.to_string())?;
+    println!("{:<24} {:>12} {:>12}  {:<32} equal", "table", "source rows", "mirror rows", "checksum");
     for t in &tables {
         println!(
             "{:<24} {:>12} {:>12}  {:<32} {}",

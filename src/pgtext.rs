@@ -110,8 +110,10 @@ pub fn from_pg_text(text: Option<&str>, ty: &ColumnType) -> Result<Value, String
     let Some(s) = text else { return Ok(Value::Null) };
     Ok(match ty {
         T::Bool => match s {
-            "t" => Value::Bool(true),
-            "f" => Value::Bool(false),
+            // `t`/`f` from the output function, `true`/`false` from a
+            // `::text` cast.
+            "t" | "true" => Value::Bool(true),
+            "f" | "false" => Value::Bool(false),
             _ => return Err(format!("unexpected boolean text {s:?}")),
         },
         T::Int16 | T::Int32 | T::Int64 => {

@@ -1,10 +1,11 @@
-//! End to end: PostgreSQL tenant -> agent -> signed HTTP -> receiver ->
-//! PostgreSQL mirror, each test with its own databases.
+//! End to end with a PostgreSQL tenant: PostgreSQL-specific cases (the
+//! sample CRM, odd PostgreSQL values, concurrent writers, receiver
+//! behaviour). Scenarios shared by every source kind are in scenarios.rs.
 
 mod harness;
 
 use ctmirror::agent::AgentErrorKind;
-use ctmirror::protocol::{Cursor, SyncMode};
+use ctmirror::protocol::SyncMode;
 use ctmirror::source::ChunkLimits;
 use harness::{sample_crm_map, sample_crm_sql, Options, Pipeline};
 
@@ -71,64 +72,6 @@ async fn second_cycle_sends_only_the_changes() {
 }
 
 #[tokio::test]
-async fn inserts_updates_deletes_reinserts_and_key_updates_converge() {
-    let p = Pipeline::start("all_ops", SIMPLE_SQL, SIMPLE_MAP).await;
-    assert!(p.cycle().await.succeeded());
-    let s = p.source().await;
-    s.batch_execute(
-        "INSERT INTO item VALUES (1001, 'new', 1, 'x');
-         UPDATE item SET qty = qty + 100 WHERE id BETWEEN 1 AND 50;
-         UPDATE item SET name = 'twice' WHERE id = 1;
-         DELETE FROM item WHERE id BETWEEN 60 AND 70;
-         DELETE FROM item WHERE id = 80;
-         INSERT INTO item VALUES (80, 'reborn', 8, 'y');
-         UPDATE item SET id = id + 10000 WHERE id BETWEEN 90 AND 95;
-         BEGIN; INSERT INTO item VALUES (2000, 'short-lived', 0, 'z'); DELETE FROM item WHERE id = 2000; COMMIT;",
-    )
-    .await
-    .unwrap();
-    let r = p.cycle().await;
-    assert!(r.succeeded(), "{r:#?}");
-    p.assert_converged().await;
-    // Key updates: old keys gone, new keys present.
-    let m = p.mirror().await;
-    let n: i64 = m.query_one("SELECT count(*) FROM mirror_acme.item WHERE id BETWEEN 90 AND 95", &[]).await.unwrap().get(0);
-    assert_eq!(n, 0);
-    let n: i64 = m.query_one("SELECT count(*) FROM mirror_acme.item WHERE id BETWEEN 10090 AND 10095", &[]).await.unwrap().get(0);
-    assert_eq!(n, 6);
-}
-
-#[tokio::test]
-async fn one_transaction_larger_than_three_batches_converges() {
-    let p = Pipeline::start_with("big_txn", SIMPLE_SQL, SIMPLE_MAP, small_batches(100)).await;
-    assert!(p.cycle().await.succeeded());
-    p.source().await.batch_execute("UPDATE item SET qty = -qty - 1").await.unwrap();
-    let r = p.cycle().await;
-    assert!(r.succeeded(), "{r:#?}");
-    let item = &r.tables[0];
-    assert_eq!(item.rows_sent, 500);
-    assert!(item.batches >= 5, "500 changes in one version must travel in several batches: {item:?}");
-    assert_eq!(item.counts.updated, 500);
-    p.assert_converged().await;
-    // The final cursor closed the whole version.
-    assert!(matches!(p.mirror_cursor("item").await, Some(Cursor::Changes { after_key: None, .. })));
-}
-
-#[tokio::test]
-async fn idle_table_still_advances_its_cursor() {
-    let p = Pipeline::start("idle", SIMPLE_SQL, SIMPLE_MAP).await;
-    assert!(p.cycle().await.succeeded());
-    let before = p.mirror_cursor("item").await.unwrap().version();
-    // Unrelated writes move the source's version forward.
-    p.source().await.batch_execute("CREATE TABLE other (x int); INSERT INTO other VALUES (1); INSERT INTO other VALUES (2);").await.unwrap();
-    let r = p.cycle().await;
-    assert_eq!(r.tables[0].mode, SyncMode::Idle);
-    assert_eq!(r.tables[0].rows_sent, 0);
-    let after = p.mirror_cursor("item").await.unwrap().version();
-    assert!(after > before, "cursor stayed at {before}");
-}
-
-#[tokio::test]
 async fn concurrent_writers_converge_after_one_more_cycle() {
     let p = Pipeline::start_with("concurrent", SIMPLE_SQL, SIMPLE_MAP, small_batches(50)).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -172,41 +115,6 @@ async fn concurrent_writers_converge_after_one_more_cycle() {
 }
 
 #[tokio::test]
-async fn killed_full_load_resumes_where_the_receiver_stands() {
-    let sql = "CREATE TABLE item (id bigint PRIMARY KEY, name text, qty integer, secret text);
-               INSERT INTO item SELECT i, repeat('x', 200) || i, i, 's' FROM generate_series(1, 20000) i;";
-    let p = Pipeline::start_with("killed_load", sql, SIMPLE_MAP, small_batches(500)).await;
-    p.wait_quiet().await;
-    let pipeline = std::sync::Arc::new(p);
-    let runner = {
-        let p = pipeline.clone();
-        tokio::spawn(async move { p.cycle_now().await })
-    };
-    // Kill the cycle once a few batches are committed.
-    loop {
-        if let Some(Cursor::Snapshot { after_key: Some(k), .. }) = pipeline.mirror_cursor("item").await {
-            if matches!(k.0[0], ctmirror::protocol::Value::Int(n) if n >= 2000) {
-                break;
-            }
-        }
-        assert!(!runner.is_finished(), "the load finished before it could be killed");
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-    }
-    runner.abort();
-    let _ = runner.await;
-    let loaded: i64 = pipeline.mirror().await.query_one("SELECT count(*) FROM mirror_acme.item", &[]).await.unwrap().get(0);
-    assert!((2000..20000).contains(&loaded), "loaded {loaded}");
-
-    let r = pipeline.cycle().await;
-    assert!(r.succeeded(), "{r:#?}");
-    let item = &r.tables[0];
-    assert_eq!(item.mode, SyncMode::Full);
-    assert!(item.rows_sent < 20000 - 1000, "resumed load re-sent {} rows", item.rows_sent);
-    assert!(item.rows_sent as i64 <= 20000 - loaded + 500);
-    pipeline.assert_converged().await;
-}
-
-#[tokio::test]
 async fn odd_values_survive_the_round_trip() {
     let sql = r#"
 CREATE TABLE odd (
@@ -239,40 +147,6 @@ columns = ["k1", "k2", "n", "f", "r", "b", "ts", "t", "d", "tm", "u", "j", "jb",
 }
 
 #[tokio::test]
-async fn identifiers_that_need_quoting_work_end_to_end() {
-    let sql = r#"
-CREATE SCHEMA "Sales Dept";
-CREATE TABLE "Sales Dept"."Order ""Lines""; drop table x; --" (
-  "select" bigint, "Mixed Case" text, "with space" integer, "quote""d" text, "from" date, hidden text,
-  PRIMARY KEY ("select", "Mixed Case"));
-INSERT INTO "Sales Dept"."Order ""Lines""; drop table x; --"
-  SELECT i, 'K' || (i % 3), i, 'q"' || i, date '2024-01-01' + i, 'h' FROM generate_series(1, 300) i;
-"#;
-    let map = r#"
-application = "crm_insights"
-[[table]]
-schema = "Sales Dept"
-table = "Order \"Lines\"; drop table x; --"
-mirror = "Order \"Lines\"; drop table x; --"
-columns = ["select", "Mixed Case", "with space", "quote\"d", "from"]
-"#;
-    let p = Pipeline::start_with("quoting", sql, map, small_batches(40)).await;
-    assert!(p.cycle().await.succeeded());
-    p.assert_converged().await;
-    p.source()
-        .await
-        .batch_execute(r#"UPDATE "Sales Dept"."Order ""Lines""; drop table x; --" SET "with space" = -1 WHERE "select" < 50;
-                          DELETE FROM "Sales Dept"."Order ""Lines""; drop table x; --" WHERE "select" > 290;"#)
-        .await
-        .unwrap();
-    let r = p.cycle().await;
-    assert!(r.succeeded(), "{r:#?}");
-    assert_eq!(r.tables[0].counts.updated, 49);
-    assert_eq!(r.tables[0].counts.deleted, 10);
-    p.assert_converged().await;
-}
-
-#[tokio::test]
 async fn unmapped_columns_never_reach_the_mirror_or_the_wire() {
     let p = Pipeline::start("deny_default", &sample_crm_sql(0.02), &sample_crm_map()).await;
     assert!(p.cycle().await.succeeded());
@@ -290,40 +164,6 @@ async fn unmapped_columns_never_reach_the_mirror_or_the_wire() {
         .unwrap()
         .get(0);
     assert_eq!(n, 0);
-}
-
-#[tokio::test]
-async fn a_failing_table_is_reported_and_the_others_go_on() {
-    let sql = format!("{SIMPLE_SQL} CREATE TABLE nokey (a int, b text); INSERT INTO nokey VALUES (1, 'x');");
-    let map = r#"
-application = "crm_insights"
-[[table]]
-table = "nokey"
-columns = ["a", "b"]
-[[table]]
-table = "missing_table"
-columns = ["a"]
-[[table]]
-table = "item"
-columns = ["id", "name", "ghost_column"]
-[[table]]
-table = "item"
-mirror = "item_ok"
-columns = ["id", "qty"]
-"#;
-    // The last two map one source table twice under two mirror names.
-    let map = map.replacen("[[table]]\ntable = \"item\"\nmirror", "[[table]]\nschema = \"public\"\ntable = \"item\"\nmirror", 1);
-    let p = Pipeline::start("one_fails", &sql, &map).await;
-    let r = p.cycle().await;
-    assert!(!r.succeeded());
-    let err = |n: &str| r.tables.iter().find(|t| t.table == n).unwrap().error.clone();
-    assert!(err("nokey").unwrap().message.contains("no primary key"), "{:?}", err("nokey"));
-    assert_eq!(err("nokey").unwrap().kind, AgentErrorKind::Config);
-    assert!(err("missing_table").unwrap().message.contains("not found"), "{:?}", err("missing_table"));
-    assert!(err("item").unwrap().message.contains("ghost_column"), "{:?}", err("item"));
-    assert!(err("item_ok").is_none());
-    let n: i64 = p.mirror().await.query_one("SELECT count(*) FROM mirror_acme.item_ok", &[]).await.unwrap().get(0);
-    assert_eq!(n, 500);
 }
 
 #[tokio::test]

@@ -16,6 +16,7 @@ use crate::auth::{Keypair, PublicKey, RequestSigner};
 use crate::config::{resolve_secret, AgentConfig, SourceKind};
 use crate::ids::{AppId, TenantId};
 use crate::schema_map::SchemaMap;
+use crate::source::mssql::SqlServerSource;
 use crate::source::postgres::PostgresSource;
 use crate::source::ChunkLimits;
 use std::time::Duration;
@@ -51,10 +52,14 @@ pub async fn sync_once(cfg: &AgentConfig, tenant: &TenantId, app: &AppId) -> Res
     let url = resolve_secret(&tenant_cfg.url).map_err(|e| config_err(e.to_string()))?;
     let span = tracing::info_span!("cycle", tenant = %tenant, app = %app);
     async {
+        let retention = Duration::from_secs(u64::from(cfg.change_retention_hours) * 3600);
         match tenant_cfg.source {
             SourceKind::Postgres => {
-                let retention = Duration::from_secs(u64::from(cfg.change_retention_hours) * 3600);
                 let mut source = PostgresSource::connect(&url, retention).await?;
+                run_cycle(&mut source, &client, &map, tenant.as_str(), settings).await
+            }
+            SourceKind::Sqlserver => {
+                let mut source = SqlServerSource::connect(&url, retention).await?;
                 run_cycle(&mut source, &client, &map, tenant.as_str(), settings).await
             }
         }

@@ -4,6 +4,10 @@
 
 #[path = "../support/mod.rs"]
 pub mod support;
+pub mod drivers;
+
+#[allow(unused_imports)]
+pub use drivers::{Dialect, MssqlDriver, PgDriver, SourceDriver};
 
 use ctmirror::agent::{run_cycle, CycleReport, CycleSettings, PartnerClient};
 use ctmirror::auth::{Keypair, PublicKey, RequestSigner};
@@ -12,7 +16,6 @@ use ctmirror::ids::{AppId, TenantId};
 use ctmirror::protocol::Cursor;
 use ctmirror::receiver::ReceiverService;
 use ctmirror::schema_map::SchemaMap;
-use ctmirror::source::postgres::PostgresSource;
 use ctmirror::source::ChunkLimits;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,8 +25,8 @@ use tokio_postgres::Client;
 pub const APP: &str = "crm_insights";
 pub const TENANT: &str = "acme";
 
-pub struct Pipeline {
-    pub source_db: TestDb,
+pub struct Pipeline<D: SourceDriver = PgDriver> {
+    pub src: D,
     pub mirror_db: TestDb,
     pub receiver_url: String,
     pub map: SchemaMap,
@@ -37,7 +40,7 @@ pub struct Pipeline {
     server: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for Pipeline {
+impl<D: SourceDriver> Drop for Pipeline<D> {
     fn drop(&mut self) {
         self.server.abort();
     }
@@ -74,7 +77,7 @@ pub fn receiver_config(mirror_url: &str) -> ReceiverConfig {
     }
 }
 
-impl Pipeline {
+impl Pipeline<PgDriver> {
     /// Creates both databases, runs `setup_sql` on the source and starts a
     /// receiver.
     pub async fn start(label: &str, setup_sql: &str, map_toml: &str) -> Pipeline {
@@ -82,9 +85,28 @@ impl Pipeline {
     }
 
     pub async fn start_with(label: &str, setup_sql: &str, map_toml: &str, opts: Options) -> Pipeline {
-        let source_db = TestDb::create(&format!("{label}_src")).await;
+        let src = PgDriver::create(label).await.expect("PostgreSQL always runs");
+        Pipeline::launch(label, src, setup_sql, map_toml, opts).await
+    }
+
+    pub fn source_db(&self) -> &TestDb {
+        &self.src.db
+    }
+
+    pub async fn source(&self) -> Client {
+        self.src.db.client().await
+    }
+}
+
+impl<D: SourceDriver> Pipeline<D> {
+    /// A pipeline over an existing source driver: runs `setup_sql` (in the
+    /// driver's dialect) on it, creates the mirror database and starts a
+    /// receiver.
+    pub async fn launch(label: &str, src: D, setup_sql: &str, map_toml: &str, opts: Options) -> Pipeline<D> {
         let mirror_db = TestDb::create(&format!("{label}_dst")).await;
-        source_db.client().await.batch_execute(setup_sql).await.expect("source setup SQL");
+        if !setup_sql.trim().is_empty() {
+            src.exec(setup_sql).await;
+        }
         let map = SchemaMap::parse(map_toml, "test map").expect("test map");
 
         let agent = Keypair::generate();
@@ -111,7 +133,7 @@ impl Pipeline {
             axum::serve(listener, router).await.ok();
         });
         Pipeline {
-            source_db,
+            src,
             mirror_db,
             receiver_url: format!("http://{addr}"),
             map,
@@ -131,30 +153,17 @@ impl Pipeline {
         PartnerClient::new(&self.receiver_url, signer, self.partner_public, Duration::from_secs(60)).unwrap()
     }
 
-    pub async fn connect_source(&self) -> PostgresSource {
-        PostgresSource::connect(&self.source_db.url, self.retention).await.expect("source connects")
+    pub async fn connect_source(&self) -> D::Src {
+        self.src.connect(self.retention).await
     }
 
-    /// Waits until every transaction that had started on the cluster is
-    /// finished, so the next cycle's version covers all writes made so far.
-    /// (Versions are cluster-wide: other tests' open transactions hold the
-    /// readable version back for a moment.)
+    /// Runs SQL of the source's dialect on the source database.
+    pub async fn exec(&self, sql: &str) {
+        self.src.exec(sql).await
+    }
+
     pub async fn wait_quiet(&self) {
-        let c = self.source().await;
-        let row = c.query_one("SELECT pg_current_xact_id()::text::bigint", &[]).await.unwrap();
-        let marker: i64 = row.get(0);
-        for _ in 0..3000 {
-            let r = c
-                .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint", &[])
-                .await
-                .unwrap();
-            let xmin: i64 = r.get(0);
-            if xmin > marker {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("cluster never became quiet");
+        self.src.wait_quiet().await
     }
 
     /// One full cycle after all earlier writes are final.
@@ -169,10 +178,6 @@ impl Pipeline {
         run_cycle(&mut source, &client, &self.map, TENANT, CycleSettings { limits: self.limits })
             .await
             .expect("cycle runs")
-    }
-
-    pub async fn source(&self) -> Client {
-        self.source_db.client().await
     }
 
     pub async fn mirror(&self) -> Client {
@@ -191,9 +196,7 @@ impl Pipeline {
     }
 
     pub async fn assert_converged(&self) {
-        let cmp = ctmirror::verify::compare_postgres(&self.source_db.url, &self.mirror_db.url, &self.tenant, &self.map)
-            .await
-            .expect("verify runs");
+        let cmp = self.src.compare(&self.mirror_db.url, &self.tenant, &self.map).await;
         for t in cmp {
             assert!(t.equal(), "mirror of {} differs from the source projection: {t:?}", t.table);
         }

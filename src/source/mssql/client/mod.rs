@@ -115,6 +115,20 @@ impl MsClient {
         Ok(())
     }
 
+    /// Runs a T-SQL batch as written, without parameters: for setup scripts
+    /// and tests (statements such as `CREATE SCHEMA` must start a batch).
+    pub async fn batch(&mut self, sql: &str, doing: &str) -> Result<(), SourceError> {
+        self.reset_if_needed().await?;
+        self.inner
+            .simple_query(sql)
+            .await
+            .map_err(|e| ms_error(e, doing, ""))?
+            .into_results()
+            .await
+            .map_err(|e| ms_error(e, doing, ""))?;
+        Ok(())
+    }
+
     /// Runs a query and collects its rows; for small catalog answers.
     pub async fn query(
         &mut self,
