@@ -202,3 +202,29 @@ async fn sync_against_a_dead_receiver_fails_with_a_transient_error() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("POST http://127.0.0.1"), "{}", text(&o));
 }
+
+#[test]
+fn sql_server_tenants_with_bad_connection_strings_fail_clearly_without_the_password() {
+    let dir = scratch("mssqlcfg");
+    for who in ["agent", "partner"] {
+        let o = run(&["keygen", "--out", dir.join(format!("keys/{who}")).to_str().unwrap()]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let port = free_port();
+    let unreachable = format!("server=tcp:127.0.0.1,{port};database=acme;user id=sa;password=Hunter2Secret;TrustServerCertificate=true");
+    for (url, expected) in [
+        ("server=tcp:db,notaport;password=Hunter2Secret", "connection string cannot be parsed"),
+        (unreachable.as_str(), "cannot reach SQL Server"),
+    ] {
+        let path = write_config(&dir, free_port(), "unused", "unused");
+        let cfg = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("source = \"postgres\"", "source = \"sqlserver\"")
+            .replace("url = \"unused\"", &format!("url = \"{url}\""));
+        std::fs::write(&path, cfg).unwrap();
+        let o = run(&["sync", "--config", path.to_str().unwrap(), "--tenant", "acme", "--app", "crm_insights"]);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains(expected), "{}", text(&o));
+        assert!(!text(&o).contains("Hunter2Secret"), "password leaked: {}", text(&o));
+    }
+}
