@@ -79,12 +79,13 @@ pub async fn snapshot_chunk(
     let doing = format!("reading a snapshot chunk of table {}", plan.shown);
     let grant = format!("SELECT on table {}", plan.shown);
 
+    let all = plan.all();
     let mut rows = Vec::new();
     let mut bytes = 0usize;
     let mut tx = client.snapshot_transaction(&doing).await?;
     tx.client()
         .query_each(&text, &params, &doing, &grant, |cells| {
-            let values = plan.decode_all(cells.into_iter(), &plan.all()).map_err(|m| plan.data_error(m, None))?;
+            let values = plan.decode_all(cells.into_iter(), &all).map_err(|m| plan.data_error(m, None))?;
             bytes += values.iter().map(Value::wire_size).sum::<usize>();
             rows.push(values);
             Ok(if bytes >= limits.max_bytes { Flow::Stop } else { Flow::Continue })
@@ -143,6 +144,7 @@ pub async fn changes_chunk(
     }
 
     let n_keys = keys.len();
+    let all = plan.all();
     let mut rows = Vec::new();
     let mut bytes = 0usize;
     tx.client()
@@ -156,7 +158,7 @@ pub async fn changes_chunk(
             let present = matches!(it.next(), Some(SqlValue::Int(1)));
             let key = Key(plan.decode_all(it.by_ref().take(n_keys), &keys).map_err(|m| plan.data_error(m, None))?);
             let op = if present && !deleted {
-                RowOp::Upsert(plan.decode_all(it, &plan.all()).map_err(|m| plan.data_error(m, Some(&key)))?)
+                RowOp::Upsert(plan.decode_all(it, &all).map_err(|m| plan.data_error(m, Some(&key)))?)
             } else {
                 RowOp::Delete
             };

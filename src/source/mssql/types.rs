@@ -73,7 +73,12 @@ pub fn map_type(c: &CatalogColumn) -> Result<MsType, String> {
     };
     let len_text = |n: Option<u32>| n.map_or("max".to_owned(), |n| n.to_string());
     let sub_micro = |p: u8| p.min(6);
-    let plain = |protocol: ColumnType, native: String| Ok(MsType { protocol, native, read_as: ReadAs::Plain });
+    // The read form follows from the native spelling (`read_as_for`), the
+    // one place that knows which types are read through a cast.
+    let plain = |protocol: ColumnType, native: String| {
+        let read_as = read_as_for(&native);
+        Ok(MsType { protocol, native, read_as })
+    };
     match sys.as_str() {
         "bit" => plain(T::Bool, "bit".into()),
         "tinyint" => plain(T::Int16, "tinyint".into()),
@@ -84,16 +89,8 @@ pub fn map_type(c: &CatalogColumn) -> Result<MsType, String> {
             T::Decimal { precision: Some(c.precision.into()), scale: Some(c.scale.into()) },
             format!("{sys}({},{})", c.precision, c.scale),
         ),
-        "money" => Ok(MsType {
-            protocol: T::Decimal { precision: Some(19), scale: Some(4) },
-            native: "money".into(),
-            read_as: ReadAs::Cast("decimal(19,4)".into()),
-        }),
-        "smallmoney" => Ok(MsType {
-            protocol: T::Decimal { precision: Some(10), scale: Some(4) },
-            native: "smallmoney".into(),
-            read_as: ReadAs::Cast("decimal(10,4)".into()),
-        }),
+        "money" => plain(T::Decimal { precision: Some(19), scale: Some(4) }, "money".into()),
+        "smallmoney" => plain(T::Decimal { precision: Some(10), scale: Some(4) }, "smallmoney".into()),
         "real" => plain(T::Float32, "real".into()),
         "float" if c.precision <= 24 => plain(T::Float32, "real".into()),
         "float" => plain(T::Float64, "float".into()),
@@ -104,31 +101,22 @@ pub fn map_type(c: &CatalogColumn) -> Result<MsType, String> {
         "datetime2" => {
             plain(T::Timestamp { precision: Some(sub_micro(c.scale)) }, format!("datetime2({})", c.scale))
         }
-        "datetimeoffset" => Ok(MsType {
-            protocol: T::TimestampTz { precision: Some(sub_micro(c.scale)) },
-            native: format!("datetimeoffset({})", c.scale),
-            read_as: ReadAs::UtcDateTime2(c.scale),
-        }),
+        "datetimeoffset" => {
+            plain(T::TimestampTz { precision: Some(sub_micro(c.scale)) }, format!("datetimeoffset({})", c.scale))
+        }
         "char" => plain(T::FixedText { length: chars(1).unwrap_or(1) }, format!("char({})", len_text(chars(1)))),
         "nchar" => plain(T::FixedText { length: chars(2).unwrap_or(1) }, format!("nchar({})", len_text(chars(2)))),
         "varchar" => plain(T::Text { max_length: chars(1) }, format!("varchar({})", len_text(chars(1)))),
         "nvarchar" => plain(T::Text { max_length: chars(2) }, format!("nvarchar({})", len_text(chars(2)))),
-        "text" | "ntext" | "xml" | "json" => Ok(MsType {
-            protocol: if sys == "json" { T::Json } else { T::Text { max_length: None } },
-            native: sys.clone(),
-            read_as: ReadAs::Cast("nvarchar(max)".into()),
-        }),
+        "text" | "ntext" | "xml" => plain(T::Text { max_length: None }, sys.clone()),
+        "json" => plain(T::Json, sys.clone()),
         "binary" => {
             plain(T::Bytes { max_length: chars(1) }, format!("binary({})", len_text(chars(1))))
         }
         "varbinary" => {
             plain(T::Bytes { max_length: chars(1) }, format!("varbinary({})", len_text(chars(1))))
         }
-        "image" => Ok(MsType {
-            protocol: T::Bytes { max_length: None },
-            native: "image".into(),
-            read_as: ReadAs::Cast("varbinary(max)".into()),
-        }),
+        "image" => plain(T::Bytes { max_length: None }, "image".into()),
         // `timestamp` is the catalog's name for rowversion.
         "timestamp" | "rowversion" => plain(T::Bytes { max_length: Some(8) }, "binary(8)".into()),
         "uniqueidentifier" => plain(T::Uuid, "uniqueidentifier".into()),
