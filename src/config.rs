@@ -86,10 +86,107 @@ pub struct AgentConfig {
     /// HTTP timeout per request, seconds.
     #[serde(default = "default_timeout")]
     pub request_timeout_secs: u64,
+    /// The control database (PostgreSQL URL or `env:NAME`) holding schedule
+    /// state, leases and run history; required by `agent`, `status`,
+    /// `resync` and `maintenance`, not by `sync`.
+    #[serde(default)]
+    pub control_database_url: Option<String>,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     #[serde(rename = "tenant", default)]
     pub tenants: Vec<TenantConfig>,
     #[serde(rename = "application", default)]
     pub applications: Vec<ApplicationConfig>,
+}
+
+/// How `ctmirror agent` schedules cycles.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    /// Seconds from one cycle's start to the next of the same pair.
+    pub interval_secs: u64,
+    /// The nightly window in which no cycle starts; absent = default window.
+    pub blackout: BlackoutConfig,
+    /// Cycles in flight in this process at most.
+    pub max_cycles: usize,
+    /// Cycles reading from one source database server at most.
+    pub max_cycles_per_server: usize,
+    /// A pair's lease lasts this long unless renewed; a process that dies
+    /// hands its pairs over after at most this time.
+    pub lease_secs: u64,
+    /// How often the agent looks for due pairs at least (it also wakes when
+    /// a pair falls due or a cycle ends).
+    pub poll_secs: u64,
+    /// Run history older than this is pruned.
+    pub history_days: u32,
+    /// After SIGTERM, running cycles get this long to reach a batch boundary.
+    pub shutdown_grace_secs: u64,
+    /// Transient failures retry after a full-jitter backoff starting here...
+    pub backoff_base_secs: u64,
+    /// ...and never longer than this.
+    pub backoff_max_secs: u64,
+    /// Definite failures (auth refused, schema refused, bad config) are
+    /// retried no sooner than this, so a partner is not hammered.
+    pub definite_failure_retry_secs: u64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            interval_secs: 20 * 60,
+            blackout: BlackoutConfig::default(),
+            max_cycles: 16,
+            max_cycles_per_server: 4,
+            lease_secs: 120,
+            poll_secs: 5,
+            history_days: 30,
+            shutdown_grace_secs: 60,
+            backoff_base_secs: 30,
+            backoff_max_secs: 3600,
+            definite_failure_retry_secs: 3600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BlackoutConfig {
+    /// false turns the blackout off.
+    pub enabled: bool,
+    /// Wall-clock start, `HH:MM` or `HH:MM:SS`.
+    pub start: String,
+    /// Wall-clock end (may be before start: the window crosses midnight).
+    pub end: String,
+    /// IANA time zone of the wall clock, e.g. `Europe/Berlin`.
+    pub time_zone: String,
+}
+
+impl Default for BlackoutConfig {
+    fn default() -> Self {
+        Self { enabled: true, start: "01:30".into(), end: "03:00".into(), time_zone: "UTC".into() }
+    }
+}
+
+impl BlackoutConfig {
+    pub fn window(&self) -> Result<Option<crate::schedule::Blackout>, String> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        crate::schedule::Blackout::parse(&self.start, &self.end, &self.time_zone)
+            .map(Some)
+            .map_err(|e| format!("agent.schedule.blackout: {e}"))
+    }
+}
+
+/// Rate limits; 0 means unlimited.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Rows per second read from one source database server, over all the
+    /// cycles of this process that read from it.
+    pub source_rows_per_sec: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -110,6 +207,10 @@ pub struct TenantConfig {
     pub source: SourceKind,
     /// Connection URL of the tenant database, or `env:NAME`.
     pub url: String,
+    /// Skip this tenant's cycles (e.g. while its database is migrated); the
+    /// control database has the same flag (`ctmirror maintenance`).
+    #[serde(default)]
+    pub maintenance: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -122,6 +223,12 @@ pub struct ApplicationConfig {
     pub schema_map: PathBuf,
     /// Tenants that approved this application.
     pub tenants: Vec<TenantId>,
+    /// Requests per second to this partner's receiver at most (0: no limit).
+    #[serde(default)]
+    pub requests_per_sec: u32,
+    /// Request body bytes per second to this partner at most (0: no limit).
+    #[serde(default)]
+    pub bytes_per_sec: u32,
 }
 
 fn yes() -> bool {
@@ -191,6 +298,23 @@ impl ConfigFile {
             if a.batch_rows == 0 || a.batch_bytes < 1024 {
                 return Err("agent.batch_rows must be positive and agent.batch_bytes at least 1024".into());
             }
+            let s = &a.schedule;
+            if s.interval_secs == 0 || s.interval_secs > 7 * 24 * 3600 {
+                return Err("agent.schedule.interval_secs must be between 1 and 604800".into());
+            }
+            if s.max_cycles == 0 || s.max_cycles_per_server == 0 {
+                return Err("agent.schedule.max_cycles and max_cycles_per_server must be at least 1".into());
+            }
+            if s.lease_secs < 1 || s.poll_secs < 1 || s.poll_secs > 3600 {
+                return Err("agent.schedule.lease_secs must be at least 1 and poll_secs between 1 and 3600".into());
+            }
+            if s.backoff_base_secs == 0 || s.backoff_max_secs < s.backoff_base_secs {
+                return Err("agent.schedule.backoff_base_secs must be positive and at most backoff_max_secs".into());
+            }
+            if s.history_days == 0 {
+                return Err("agent.schedule.history_days must be at least 1".into());
+            }
+            s.blackout.window()?;
             let mut ids = std::collections::HashSet::new();
             for t in &a.tenants {
                 if !ids.insert(&t.id) {
@@ -260,6 +384,30 @@ impl AgentConfig {
     pub fn application(&self, id: &AppId) -> Option<&ApplicationConfig> {
         self.applications.iter().find(|a| &a.id == id)
     }
+
+    /// Every (tenant, application) pair the agent drives.
+    pub fn pairs(&self) -> Vec<crate::schedule::PairKey> {
+        let mut pairs: Vec<_> = self
+            .applications
+            .iter()
+            .flat_map(|a| {
+                a.tenants.iter().map(|t| crate::schedule::PairKey { tenant: t.clone(), app: a.id.clone() })
+            })
+            .collect();
+        pairs.sort();
+        pairs
+    }
+
+    /// The control database URL, resolved; a clear error when unset.
+    pub fn control_url(&self) -> Result<String, ConfigError> {
+        let url = self.control_database_url.as_deref().ok_or_else(|| ConfigError::Invalid {
+            path: "[agent]".into(),
+            message: "control_database_url is not set; the agent keeps schedule state, leases and run \
+                      history there"
+                .into(),
+        })?;
+        resolve_secret(url)
+    }
 }
 
 #[cfg(test)]
@@ -287,6 +435,18 @@ mod tests {
             ("[agent]\nprivate_key=\"k\"\n[[agent.application]]\nid=\"a\"\nreceiver_url=\"http://x\"\npartner_public_key=\"p\"\nschema_map=\"m\"\ntenants=[\"ghost\"]\n", "not configured"),
             ("[agent]\nprivate_key=\"k\"\n[[agent.tenant]]\nid=\"Bad\"\nsource=\"postgres\"\nurl=\"u\"\n", "invalid tenant id"),
             ("[agent]\nprivate_key=\"k\"\n[[agent.tenant]]\nid=\"t\"\nsource=\"oracle\"\nurl=\"u\"\n", "unknown variant"),
+            ("[agent]\nprivate_key=\"k\"\n[agent.schedule]\ninterval_secs=0\n", "interval_secs"),
+            ("[agent]\nprivate_key=\"k\"\n[agent.schedule]\ninterval_secs=\"20m\"\n", "invalid type"),
+            ("[agent]\nprivate_key=\"k\"\n[agent.schedule]\nmax_cycles=0\n", "max_cycles"),
+            ("[agent]\nprivate_key=\"k\"\n[agent.schedule]\nbackoff_base_secs=10\nbackoff_max_secs=5\n", "backoff"),
+            ("[agent]\nprivate_key=\"k\"\n[agent.schedule]\nlease_secs=0\n", "lease_secs"),
+            ("[agent]\nprivate_key=\"k\"\n[agent.schedule]\nhistory_days=0\n", "history_days"),
+            ("[agent]\nprivate_key=\"k\"\n[agent.schedule]\nbogus=1\n", "unknown field"),
+            ("[agent]\nprivate_key=\"k\"\n[agent.schedule.blackout]\ntime_zone=\"Mars/Base\"\n", "Mars/Base"),
+            ("[agent]\nprivate_key=\"k\"\n[agent.schedule.blackout]\nstart=\"25:00\"\n", "25:00"),
+            ("[agent]\nprivate_key=\"k\"\n[agent.schedule.blackout]\nstart=\"03:00\"\n", "empty"),
+            ("[agent]\nprivate_key=\"k\"\n[agent.limits]\nsource_rows_per_sec=-1\n", "invalid value"),
+            ("[agent]\nprivate_key=\"k\"\n[[agent.tenant]]\nid=\"t\"\nsource=\"postgres\"\nurl=\"u\"\nmaintenance=\"yes\"\n", "invalid type"),
         ];
         for (text, expected) in cases {
             let err = ConfigFile::parse(text, "c.toml").unwrap_err().to_string();

@@ -8,10 +8,12 @@
 pub mod agent;
 pub mod auth;
 pub mod config;
+pub mod control;
 pub mod ids;
 pub mod pgtext;
 pub mod protocol;
 pub mod receiver;
+pub mod schedule;
 pub mod schema_map;
 pub mod source;
 pub mod verify;

@@ -6,9 +6,15 @@
 //! every operation because batches are compare-and-set on the receiver's
 //! cursor, so a batch that was applied but whose answer was lost comes back
 //! as "already applied".
+//!
+//! A 429 or 503 with Retry-After is waited out inside the cycle when it is
+//! short; a longer one ends the call with the delay attached to the error, so
+//! the scheduler comes back no sooner than the partner asked. Every request
+//! first passes the partner's rate limits.
 
 use super::error::{AgentError, AgentErrorKind};
-use crate::auth::{self, PublicKey, RequestSigner};
+use super::limits::PartnerLimits;
+use crate::auth::{self, Claims, PublicKey, RequestSigner};
 use crate::protocol::{self, *};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -17,12 +23,29 @@ use std::time::Duration;
 /// Allowed clock difference when checking the receiver's Authenticate answer.
 const ANSWER_SKEW_SECS: i64 = 300;
 
+/// Longest Retry-After waited out within a cycle; longer ones go back to the
+/// scheduler.
+const MAX_RETRY_AFTER_IN_CYCLE: Duration = Duration::from_secs(30);
+
+/// Longest Retry-After believed; a partner answering "come back next year"
+/// is retried tomorrow.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// A receiver's HTTP answer.
+struct Answer {
+    status: u16,
+    bytes: bytes::Bytes,
+    retry_after: Option<Duration>,
+}
+
 pub struct PartnerClient {
     http: reqwest::Client,
     base_url: String,
     signer: RequestSigner,
     partner_key: PublicKey,
     attempts: u32,
+    limits: PartnerLimits,
+    max_retry_after_wait: Duration,
 }
 
 /// What a batch call ended in.
@@ -52,7 +75,21 @@ impl PartnerClient {
             signer,
             partner_key,
             attempts: 3,
+            limits: PartnerLimits::default(),
+            max_retry_after_wait: MAX_RETRY_AFTER_IN_CYCLE,
         })
+    }
+
+    /// Applies the partner's request and byte rate limits to every call.
+    pub fn with_limits(mut self, limits: PartnerLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// How long a Retry-After may be waited out within the cycle.
+    pub fn with_max_retry_after_wait(mut self, wait: Duration) -> Self {
+        self.max_retry_after_wait = wait;
+        self
     }
 
     /// Authenticates and checks the receiver's answer against the partner's
@@ -61,9 +98,8 @@ impl PartnerClient {
         let path = protocol::authenticate_path(&self.signer.tenant);
         let req = AuthenticateRequest { agent: concat!("ctmirror/", env!("CARGO_PKG_VERSION")).into() };
         let body = serde_json::to_vec(&req).expect("request serializes");
-        let (claims, header) = self.signer.authorize("POST", &path, &body);
-        let (status, bytes) = self.post_once(&path, body, header).await?;
-        let answer: AuthenticateResponse = decode(status, &bytes)?;
+        let (claims, reply) = self.post_retrying(&path, body).await?;
+        let answer: AuthenticateResponse = decode(&reply)?;
         auth::check_receiver_answer(&answer.token, &self.partner_key, &claims, ANSWER_SKEW_SECS, auth::now_unix())
             .map_err(|e| AgentError::new(AgentErrorKind::Auth, format!("receiver's answer did not verify: {e}")))?;
         Ok(answer)
@@ -86,45 +122,54 @@ impl PartnerClient {
         let path = protocol::rows_path(&self.signer.tenant);
         let body = serde_json::to_vec(batch).expect("batch serializes");
         let size = body.len();
-        let (status, bytes) = self.post_retrying(&path, body).await?;
-        if status == 409 {
-            if let Ok(err) = serde_json::from_slice::<ErrorBody>(&bytes) {
+        let (_, reply) = self.post_retrying(&path, body).await?;
+        if reply.status == 409 {
+            if let Ok(err) = serde_json::from_slice::<ErrorBody>(&reply.bytes) {
                 if err.error.kind == "conflict" {
                     return Ok((BatchOutcome::Conflict(err.error.cursor), size));
                 }
             }
         }
-        Ok((BatchOutcome::Applied(decode(status, &bytes)?), size))
+        Ok((BatchOutcome::Applied(decode(&reply)?), size))
     }
 
     async fn call<Req: Serialize, Resp: DeserializeOwned>(&self, path: &str, req: &Req) -> Result<Resp, AgentError> {
         let body = serde_json::to_vec(req).expect("request serializes");
-        let (status, bytes) = self.post_retrying(path, body).await?;
-        decode(status, &bytes)
+        let (_, reply) = self.post_retrying(path, body).await?;
+        decode(&reply)
     }
 
-    async fn post_retrying(&self, path: &str, body: Vec<u8>) -> Result<(u16, bytes::Bytes), AgentError> {
+    /// Posts with retries; returns the claims of the attempt that answered
+    /// (the Authenticate answer is checked against them) and its answer.
+    async fn post_retrying(&self, path: &str, body: Vec<u8>) -> Result<(Claims, Answer), AgentError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            self.limits.before_request(body.len()).await;
             // A fresh token per attempt: each one has its own nonce and time.
-            let (_, header) = self.signer.authorize("POST", path, &body);
+            let (claims, header) = self.signer.authorize("POST", path, &body);
             let result = self.post_once(path, body.clone(), header).await;
-            let retry = match &result {
-                Err(e) => e.is_retryable(),
-                Ok((status, _)) => *status >= 500 || *status == 429,
+            let delay = match &result {
+                Err(e) if e.is_retryable() => Some(backoff(attempt)),
+                Err(_) => None,
+                Ok(a) => match a.retry_after {
+                    Some(wait) if wait <= self.max_retry_after_wait => Some(wait),
+                    Some(_) => None,
+                    None if a.status >= 500 || a.status == 429 => Some(backoff(attempt)),
+                    None => None,
+                },
             };
-            if !retry || attempt >= self.attempts {
-                return result;
+            match delay {
+                Some(delay) if attempt < self.attempts => {
+                    tracing::warn!(path, attempt, ?delay, "receiver unavailable or busy; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                _ => return result.map(|a| (claims, a)),
             }
-            let base = 200u64 << (2 * (attempt - 1));
-            let delay = Duration::from_millis(jitter(base));
-            tracing::warn!(path, attempt, ?delay, "transient failure talking to the receiver; retrying");
-            tokio::time::sleep(delay).await;
         }
     }
 
-    async fn post_once(&self, path: &str, body: Vec<u8>, header: String) -> Result<(u16, bytes::Bytes), AgentError> {
+    async fn post_once(&self, path: &str, body: Vec<u8>, header: String) -> Result<Answer, AgentError> {
         let url = format!("{}{}", self.base_url, path);
         let resp = self
             .http
@@ -136,12 +181,39 @@ impl PartnerClient {
             .await
             .map_err(|e| AgentError::new(AgentErrorKind::Transient, format!("POST {url}: {}", error_chain(&e))))?;
         let status = resp.status().as_u16();
+        let retry_after = if status == 429 || status == 503 {
+            resp.headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, chrono::Utc::now()))
+        } else {
+            None
+        };
         let bytes = resp
             .bytes()
             .await
             .map_err(|e| AgentError::new(AgentErrorKind::Transient, format!("reading answer of {url}: {e}")))?;
-        Ok((status, bytes))
+        Ok(Answer { status, bytes, retry_after })
     }
+}
+
+/// Exponential backoff with jitter between attempts within one call.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(jitter(200u64 << (2 * (attempt - 1).min(8))))
+}
+
+/// Retry-After is either delay-seconds or an HTTP date (RFC 9110 §10.2.3).
+/// Garbage is ignored (the ordinary backoff applies); absurd values are
+/// capped.
+fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let value = value.trim();
+    let wait = if let Ok(secs) = value.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+        (at.with_timezone(&chrono::Utc) - now).to_std().unwrap_or(Duration::ZERO)
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 /// Full jitter: a uniform delay in [base/2, base].
@@ -162,7 +234,14 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn decode<T: DeserializeOwned>(status: u16, bytes: &[u8]) -> Result<T, AgentError> {
+fn decode<T: DeserializeOwned>(answer: &Answer) -> Result<T, AgentError> {
+    decode_parts(answer.status, &answer.bytes).map_err(|mut e| {
+        e.retry_after = answer.retry_after;
+        e
+    })
+}
+
+fn decode_parts<T: DeserializeOwned>(status: u16, bytes: &[u8]) -> Result<T, AgentError> {
     if (200..300).contains(&status) {
         return serde_json::from_slice(bytes).map_err(|e| {
             AgentError::new(AgentErrorKind::Fatal, format!("receiver's answer is not the expected JSON: {e}"))
@@ -181,5 +260,31 @@ fn decode<T: DeserializeOwned>(status: u16, bytes: &[u8]) -> Result<T, AgentErro
             };
             Err(AgentError::new(kind, format!("receiver answered {status}: {text}")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates_and_ignores_garbage() {
+        let now = chrono::Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 0).unwrap();
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("Sun, 22 Nov 2026 10:01:30 GMT", now), Some(Duration::from_secs(90)));
+        assert_eq!(parse_retry_after("Sun, 22 Nov 2026 09:00:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("99999999999", now), Some(MAX_RETRY_AFTER));
+        for garbage in ["", "soon", "-5", "1.5", "12abc", "Sun, 99 Nov 2026 10:01:30 GMT"] {
+            assert_eq!(parse_retry_after(garbage, now), None, "{garbage:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_between_attempts_grows_and_stays_bounded() {
+        assert!(backoff(1) <= Duration::from_millis(200));
+        assert!(backoff(2) >= Duration::from_millis(400) && backoff(2) <= Duration::from_millis(800));
+        assert!(backoff(50) <= Duration::from_millis(200 << 16));
     }
 }

@@ -6,7 +6,9 @@
 //! reported and the others go on.
 
 use super::client::PartnerClient;
-use super::error::AgentError;
+use super::error::{AgentError, AgentErrorKind};
+use super::limits::RateLimit;
+use super::stop::StopSignal;
 use super::report::{CycleReport, TableOutcome};
 use super::table_sync::{TablePlan, TableSync};
 use crate::protocol::{CompletedRequest, TableSchema, TableSchemaRequest, TableStatus};
@@ -18,6 +20,39 @@ use tracing::{info, warn};
 #[derive(Debug, Clone, Copy)]
 pub struct CycleSettings {
     pub limits: ChunkLimits,
+}
+
+/// Which tables an operator asked to reload from scratch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Reload {
+    #[default]
+    Nothing,
+    All,
+    Tables(std::collections::BTreeSet<String>),
+}
+
+impl Reload {
+    pub fn covers(&self, table: &str) -> bool {
+        match self {
+            Reload::Nothing => false,
+            Reload::All => true,
+            Reload::Tables(t) => t.contains(table),
+        }
+    }
+}
+
+/// Live progress of one table, reported after every batch.
+pub type ProgressFn = std::sync::Arc<dyn Fn(&TableOutcome) + Send + Sync>;
+
+/// How the scheduler steers a cycle from outside: stop at the next batch
+/// boundary, tables to reload, where progress goes, the source server's
+/// row rate. The default steers nothing (what `ctmirror sync` uses).
+#[derive(Clone, Default)]
+pub struct CycleControl {
+    pub stop: StopSignal,
+    pub reload: Reload,
+    pub progress: Option<ProgressFn>,
+    pub source_rows: Option<RateLimit>,
 }
 
 struct Prepared {
@@ -35,6 +70,18 @@ pub async fn run_cycle<S: Source>(
     tenant: &str,
     settings: CycleSettings,
 ) -> Result<CycleReport, AgentError> {
+    run_controlled_cycle(source, client, map, tenant, settings, &CycleControl::default()).await
+}
+
+/// [`run_cycle`] steered by the scheduler.
+pub async fn run_controlled_cycle<S: Source>(
+    source: &mut S,
+    client: &PartnerClient,
+    map: &SchemaMap,
+    tenant: &str,
+    settings: CycleSettings,
+    control: &CycleControl,
+) -> Result<CycleReport, AgentError> {
     let started = Instant::now();
     let mut report = CycleReport {
         tenant: tenant.to_owned(),
@@ -44,6 +91,7 @@ pub async fn run_cycle<S: Source>(
         dropped: Vec::new(),
         completion_error: None,
         duration: Default::default(),
+        source_version: None,
     };
 
     let auth = client.authenticate().await?;
@@ -86,13 +134,21 @@ pub async fn run_cycle<S: Source>(
     // Changes are read up to this version for every table, so one cycle
     // gives a mirror consistent with one moment of the source.
     let upper = source.current_version().await?;
+    report.source_version = Some(upper);
     info!(%upper, tables = prepared.len(), "syncing");
 
     for p in &prepared {
+        if let Some(reason) = control.stop.reason() {
+            report.tables.push(TableOutcome::failed(
+                &p.mirror.name,
+                AgentError::new(AgentErrorKind::Interrupted, format!("not started: {}", reason.describe())),
+            ));
+            continue;
+        }
         let Some(state) = answer.tables.iter().find(|s| s.name == p.mirror.name) else {
             report.tables.push(TableOutcome::failed(
                 &p.mirror.name,
-                AgentError::new(super::error::AgentErrorKind::Fatal, "receiver's schema answer omits the table"),
+                AgentError::new(AgentErrorKind::Fatal, "receiver's schema answer omits the table"),
             ));
             continue;
         };
@@ -100,7 +156,7 @@ pub async fn run_cycle<S: Source>(
             let msg = state.message.clone().unwrap_or_else(|| "schema refused".into());
             report.tables.push(TableOutcome::failed(
                 &p.mirror.name,
-                AgentError::new(super::error::AgentErrorKind::Refused, format!("receiver refused the schema: {msg}")),
+                AgentError::new(AgentErrorKind::Refused, format!("receiver refused the schema: {msg}")),
             ));
             continue;
         }
@@ -112,8 +168,17 @@ pub async fn run_cycle<S: Source>(
             cursor: state.cursor.clone(),
             newly_enabled: p.newly_enabled,
         };
-        let outcome = TableSync::new(source, client, plan, settings.limits).run(upper).await;
+        let reload = control.reload.covers(&p.mirror.name);
+        let outcome = TableSync::new(source, client, plan, settings.limits, control, reload).run(upper).await;
         report.tables.push(outcome);
+    }
+
+    if report.interrupted() {
+        // The cycle is not complete: completion hooks would run on a mirror
+        // that is only partly caught up. The next cycle completes it.
+        info!("cycle interrupted at a batch boundary; ReplicationCompleted not sent");
+        report.duration = started.elapsed();
+        return Ok(report);
     }
 
     let completed = CompletedRequest { tables: report.tables.iter().map(TableOutcome::to_report).collect() };
@@ -146,6 +211,6 @@ async fn prepare<S: Source>(
     let mirror = schema.to_protocol(mirror_name);
     mirror
         .validate()
-        .map_err(|e| AgentError::new(super::error::AgentErrorKind::Config, e))?;
+        .map_err(|e| AgentError::new(AgentErrorKind::Config, e))?;
     Ok(Prepared { source: schema, mirror, newly_enabled: tracking.newly_enabled })
 }

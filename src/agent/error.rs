@@ -21,8 +21,28 @@ pub enum AgentErrorKind {
     Config,
     /// A source value the protocol cannot carry.
     Data,
+    /// Stopped at a batch boundary on the scheduler's request (blackout,
+    /// shutdown, lease lost); everything sent is committed and the next
+    /// cycle resumes from the receiver's cursor.
+    Interrupted,
     /// Anything else.
     Fatal,
+}
+
+impl AgentErrorKind {
+    /// The name used in run history and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentErrorKind::Transient => "transient",
+            AgentErrorKind::Auth => "auth",
+            AgentErrorKind::Refused => "refused",
+            AgentErrorKind::NeedsReload => "needs_reload",
+            AgentErrorKind::Config => "config",
+            AgentErrorKind::Data => "data",
+            AgentErrorKind::Interrupted => "interrupted",
+            AgentErrorKind::Fatal => "fatal",
+        }
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -30,11 +50,14 @@ pub enum AgentErrorKind {
 pub struct AgentError {
     pub kind: AgentErrorKind,
     pub message: String,
+    /// The partner asked us to come back no sooner than this (Retry-After
+    /// on a 429 or 503 that was longer than the agent waits in a cycle).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl AgentError {
     pub fn new(kind: AgentErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        Self { kind, message: message.into(), retry_after: None }
     }
 
     pub fn is_retryable(&self) -> bool {

@@ -4,11 +4,15 @@
 pub mod client;
 pub mod cycle;
 pub mod error;
+pub mod hosted;
+pub mod limits;
 pub mod report;
+pub mod service;
+pub mod stop;
 mod table_sync;
 
 pub use client::PartnerClient;
-pub use cycle::{run_cycle, CycleSettings};
+pub use cycle::{run_controlled_cycle, run_cycle, CycleControl, CycleSettings, ProgressFn, Reload};
 pub use error::{AgentError, AgentErrorKind};
 pub use report::{CycleReport, TableOutcome};
 
@@ -19,12 +23,24 @@ use crate::schema_map::SchemaMap;
 use crate::source::mssql::SqlServerSource;
 use crate::source::postgres::PostgresSource;
 use crate::source::ChunkLimits;
+use limits::PartnerLimits;
 use std::time::Duration;
 use tracing::Instrument;
 
 /// One cycle for one configured tenant and application: what `ctmirror sync`
 /// runs.
 pub async fn sync_once(cfg: &AgentConfig, tenant: &TenantId, app: &AppId) -> Result<CycleReport, AgentError> {
+    sync_pair(cfg, tenant, app, &CycleControl::default(), PartnerLimits::default()).await
+}
+
+/// One cycle for one configured pair under the scheduler's control.
+pub async fn sync_pair(
+    cfg: &AgentConfig,
+    tenant: &TenantId,
+    app: &AppId,
+    control: &CycleControl,
+    partner_limits: PartnerLimits,
+) -> Result<CycleReport, AgentError> {
     let config_err = |m: String| AgentError::new(AgentErrorKind::Config, m);
     let tenant_cfg = cfg.tenant(tenant).ok_or_else(|| config_err(format!("tenant {tenant} is not configured")))?;
     let app_cfg = cfg.application(app).ok_or_else(|| config_err(format!("application {app} is not configured")))?;
@@ -47,20 +63,22 @@ pub async fn sync_once(cfg: &AgentConfig, tenant: &TenantId, app: &AppId) -> Res
         signer,
         partner_key,
         Duration::from_secs(cfg.request_timeout_secs),
-    )?;
+    )?
+    .with_limits(partner_limits);
     let settings = CycleSettings { limits: ChunkLimits { max_rows: cfg.batch_rows, max_bytes: cfg.batch_bytes } };
     let url = resolve_secret(&tenant_cfg.url).map_err(|e| config_err(e.to_string()))?;
     let span = tracing::info_span!("cycle", tenant = %tenant, app = %app);
     async {
         let retention = Duration::from_secs(u64::from(cfg.change_retention_hours) * 3600);
+        let t = tenant.as_str();
         match tenant_cfg.source {
             SourceKind::Postgres => {
                 let mut source = PostgresSource::connect(&url, retention).await?;
-                run_cycle(&mut source, &client, &map, tenant.as_str(), settings).await
+                run_controlled_cycle(&mut source, &client, &map, t, settings, control).await
             }
             SourceKind::Sqlserver => {
                 let mut source = SqlServerSource::connect(&url, retention).await?;
-                run_cycle(&mut source, &client, &map, tenant.as_str(), settings).await
+                run_controlled_cycle(&mut source, &client, &map, t, settings, control).await
             }
         }
     }

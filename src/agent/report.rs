@@ -19,6 +19,10 @@ pub struct TableOutcome {
     pub cursor: Option<Cursor>,
     pub error: Option<AgentError>,
     pub duration: Duration,
+    /// The receiver's cursor when the table's turn began.
+    pub start_cursor: Option<Cursor>,
+    /// The mirror table was wiped for a full reload in this cycle.
+    pub reloaded: bool,
 }
 
 impl TableOutcome {
@@ -33,6 +37,8 @@ impl TableOutcome {
             cursor: None,
             error: None,
             duration: Duration::ZERO,
+            start_cursor: None,
+            reloaded: false,
         }
     }
 
@@ -65,12 +71,21 @@ pub struct CycleReport {
     /// ReplicationCompleted failed (the data itself is committed).
     pub completion_error: Option<AgentError>,
     pub duration: Duration,
+    /// The source's version this cycle synced up to.
+    pub source_version: Option<crate::protocol::Version>,
 }
 
 impl CycleReport {
     /// True when every table succeeded and the receiver took the completion.
     pub fn succeeded(&self) -> bool {
         self.completion_error.is_none() && self.tables.iter().all(|t| t.error.is_none())
+    }
+
+    /// True when a table stopped at a batch boundary on request.
+    pub fn interrupted(&self) -> bool {
+        self.tables
+            .iter()
+            .any(|t| t.error.as_ref().is_some_and(|e| e.kind == super::error::AgentErrorKind::Interrupted))
     }
 
     pub fn rows_sent(&self) -> u64 {

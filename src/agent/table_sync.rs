@@ -6,6 +6,8 @@
 //! answered, never from the one it hoped for.
 
 use super::client::{BatchOutcome, PartnerClient};
+use super::cycle::CycleControl;
+use super::limits::RateLimit;
 use super::error::{AgentError, AgentErrorKind};
 use super::report::TableOutcome;
 use crate::protocol::{Cursor, RowBatch, RowChange, SyncMode, TableSchema, TableStatus, Version};
@@ -34,14 +36,25 @@ pub struct TableSync<'a, S: Source> {
     client: &'a PartnerClient,
     plan: TablePlan<'a>,
     limits: ChunkLimits,
+    control: &'a CycleControl,
+    /// An operator asked for this table to be reloaded from scratch.
+    reload: bool,
     outcome: TableOutcome,
     conflicts: u32,
 }
 
 impl<'a, S: Source> TableSync<'a, S> {
-    pub fn new(source: &'a mut S, client: &'a PartnerClient, plan: TablePlan<'a>, limits: ChunkLimits) -> Self {
-        let outcome = TableOutcome::new(&plan.mirror.name);
-        Self { source, client, plan, limits, outcome, conflicts: 0 }
+    pub fn new(
+        source: &'a mut S,
+        client: &'a PartnerClient,
+        plan: TablePlan<'a>,
+        limits: ChunkLimits,
+        control: &'a CycleControl,
+        reload: bool,
+    ) -> Self {
+        let mut outcome = TableOutcome::new(&plan.mirror.name);
+        outcome.start_cursor = plan.cursor.clone();
+        Self { source, client, plan, limits, control, reload, outcome, conflicts: 0 }
     }
 
     /// Runs the table to the cycle's `upper` version. Never fails: errors end
@@ -65,6 +78,11 @@ impl<'a, S: Source> TableSync<'a, S> {
                 ms = self.outcome.duration.as_millis() as u64,
                 "table done"
             ),
+            Err(e) if e.kind == AgentErrorKind::Interrupted => {
+                info!(reason = %e, rows = self.outcome.rows_sent, "table stopped at a batch boundary");
+                self.outcome.mode = SyncMode::Failed;
+                self.outcome.error = Some(e);
+            }
             Err(e) => {
                 tracing::error!(error = %e, kind = ?e.kind, "table failed");
                 self.outcome.mode = SyncMode::Failed;
@@ -95,6 +113,10 @@ impl<'a, S: Source> TableSync<'a, S> {
         let min_valid = self.source.min_valid_version(&self.plan.schema.table).await?;
         match self.plan.cursor.clone() {
             None => self.full_load(None).await,
+            Some(_) if self.reload => {
+                info!("reload requested by an operator");
+                self.full_load(None).await
+            }
             Some(_) if self.plan.newly_enabled => {
                 info!("change tracking was just enabled; the mirror is reloaded");
                 self.full_load(None).await
@@ -140,16 +162,21 @@ impl<'a, S: Source> TableSync<'a, S> {
                 // A fresh load must start from an empty mirror table, or rows
                 // deleted at the source meanwhile would linger there.
                 if self.plan.cursor.is_some() || self.plan.status != TableStatus::Created {
+                    self.check_stop()?;
                     self.client.wipe(&self.plan.mirror.name).await?;
                     self.plan.cursor = None;
                 }
+                self.outcome.reloaded = true;
+                self.reload = false;
                 self.plan.newly_enabled = false;
                 (self.source.current_version().await?, None)
             }
         };
         info!(version = %snapshot_version, "full load");
         loop {
+            self.check_stop()?;
             let rows = self.source.snapshot_chunk(self.plan.schema, after.as_ref(), self.limits).await?;
+            Self::pace(self.control.source_rows.clone(), rows.len()).await;
             let Some(last) = rows.last() else { break };
             let to = Cursor::Snapshot { version: snapshot_version, after_key: Some(self.plan.schema.key_of(last)) };
             let changes: Vec<RowChange> =
@@ -178,8 +205,10 @@ impl<'a, S: Source> TableSync<'a, S> {
             if version > upper || (version == upper && after_key.is_none()) {
                 return Ok(());
             }
+            self.check_stop()?;
             let position = ChangePosition { version, after_key };
             let rows = self.source.changes_chunk(self.plan.schema, &position, upper, self.limits).await?;
+            Self::pace(self.control.source_rows.clone(), rows.len()).await;
             let Some(last) = rows.last() else {
                 return self.send(Vec::new(), Cursor::Changes { version: upper, after_key: None }).await;
             };
@@ -214,6 +243,10 @@ impl<'a, S: Source> TableSync<'a, S> {
                 self.outcome.rows_sent += n;
                 self.outcome.counts.add(resp.counts);
                 self.plan.cursor = Some(resp.cursor);
+                if let Some(progress) = &self.control.progress {
+                    self.outcome.cursor = self.plan.cursor.clone();
+                    progress(&self.outcome);
+                }
                 Ok(())
             }
             BatchOutcome::Conflict(cursor) => {
@@ -226,6 +259,28 @@ impl<'a, S: Source> TableSync<'a, S> {
                 self.plan.cursor = cursor;
                 Err(AgentError::new(AgentErrorKind::Refused, msg))
             }
+        }
+    }
+
+    /// The batch boundary: everything sent so far is committed, so this is
+    /// where a stop request is honoured.
+    fn check_stop(&self) -> Result<(), AgentError> {
+        match self.control.stop.reason() {
+            Some(reason) => Err(AgentError::new(
+                AgentErrorKind::Interrupted,
+                format!("stopped at a batch boundary: {}", reason.describe()),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Holds the source server to its row rate (shared by every cycle that
+    /// reads from it).
+    /// (Takes the limit by value so the future does not borrow `self`,
+    /// which holds the source and need not be `Sync`.)
+    async fn pace(limit: Option<RateLimit>, rows: usize) {
+        if let Some(limit) = limit {
+            limit.take(rows as u64).await;
         }
     }
 

@@ -12,6 +12,15 @@ pub mod postgres;
 use crate::protocol::{ColumnSchema, Key, TableSchema, Value, Version};
 use std::future::Future;
 
+/// The database server (`host:port`) a tenant's connection string names:
+/// tenants on one server share its per-server limits.
+pub fn server_address(kind: crate::config::SourceKind, conn: &str) -> Result<String, SourceError> {
+    match kind {
+        crate::config::SourceKind::Postgres => postgres::PostgresSource::server_address(conn),
+        crate::config::SourceKind::Sqlserver => mssql::client::server_address(conn),
+    }
+}
+
 /// A table in the source database.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SourceTable {

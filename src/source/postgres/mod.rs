@@ -53,6 +53,22 @@ pub struct PostgresSource {
 impl PostgresSource {
     /// Connects (without TLS) and prepares the session. `retention` is how
     /// long changes are kept for a lagging receiver before it must reload.
+    /// `host:port` of the server a URL names (no secrets), for the agent's
+    /// per-server limits.
+    pub fn server_address(url: &str) -> Result<String, SourceError> {
+        let cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|_| SourceError::config("the PostgreSQL source URL cannot be parsed"))?;
+        let host = match cfg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.to_lowercase(),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".to_owned(),
+        };
+        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+        Ok(format!("{host}:{port}"))
+    }
+
     pub async fn connect(url: &str, retention: Duration) -> Result<PostgresSource, SourceError> {
         let client = session::open(url).await?;
         Ok(PostgresSource { client, retention, installed: false })

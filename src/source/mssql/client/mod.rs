@@ -225,6 +225,12 @@ impl Drop for ReadTx<'_> {
     }
 }
 
+/// `host:port` of the server a connection string names (no secrets), for
+/// the agent's per-server limits.
+pub fn server_address(conn: &str) -> Result<String, SourceError> {
+    Ok(parse_config(conn)?.get_addr().to_lowercase())
+}
+
 fn parse_config(conn: &str) -> Result<Config, SourceError> {
     let trimmed = conn.trim();
     let parsed = if trimmed.to_ascii_lowercase().starts_with("jdbc:") {
