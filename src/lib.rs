@@ -10,6 +10,7 @@ pub mod auth;
 pub mod config;
 pub mod control;
 pub mod ids;
+pub mod ops;
 pub mod pgtext;
 pub mod protocol;
 pub mod receiver;

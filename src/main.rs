@@ -42,6 +42,59 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the hosted service: every configured pair on its cadence, until
+    /// SIGTERM (or one pass with --once). Needs agent.control_database_url.
+    Agent {
+        /// Configuration file with an [agent] section.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Run every pair that is due now once, then exit (cron-style
+        /// hosting).
+        #[arg(long)]
+        once: bool,
+    },
+    /// Ask for a full reload of a tenant (all its applications, or one) or
+    /// of one mirror table, at the pair's next cycle or at once.
+    Resync {
+        /// Configuration file with an [agent] section.
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: TenantId,
+        #[arg(long)]
+        app: Option<AppId>,
+        /// A mirror table name from the schema map.
+        #[arg(long)]
+        table: Option<String>,
+        /// Make the pair due now instead of at its next turn.
+        #[arg(long)]
+        now: bool,
+    },
+    /// Show each pair and table: state, cursor, lag, last success, last error.
+    Status {
+        /// Configuration file with an [agent] section.
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: Option<TenantId>,
+        /// Keep showing the progress of running cycles until Ctrl-C.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Put a tenant in maintenance (its cycles are skipped) or take it out.
+    Maintenance {
+        /// Configuration file with an [agent] section.
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: TenantId,
+        /// on or off.
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        /// Shown in status while the tenant is in maintenance.
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Compare a PostgreSQL tenant's mapped tables with their mirror: row
     /// counts and checksums. Exits 0 only when every table is equal.
     Verify {
@@ -71,6 +124,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli.command)) {
@@ -111,7 +165,82 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             Ok(if report.succeeded() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Verify { pair, mirror_url } => verify(pair, mirror_url).await,
+        Command::Agent { config, once } => run_agent(config, once).await,
+        Command::Resync { config, tenant, app, table, now } => {
+            let cfg = load_agent(&config)?;
+            let targets = ctmirror::ops::resync::plan(&cfg, &tenant, app.as_ref(), table.as_deref())?;
+            let control = control_db(&cfg).await?;
+            for t in &targets {
+                let id = control
+                    .request_resync(&t.pair, t.table.as_deref(), chrono::Utc::now(), now)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                println!(
+                    "resync {id}: {} {} reloads {}",
+                    t.pair,
+                    t.table.as_deref().map(|x| format!("table {x}")).unwrap_or_else(|| "every table".into()),
+                    if now { "now" } else { "at its next cycle" }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { config, tenant, follow } => {
+            let cfg = load_agent(&config)?;
+            let control = control_db(&cfg).await?;
+            if follow {
+                tokio::select! {
+                    r = ctmirror::ops::follow(&control, tenant.as_ref(), std::time::Duration::from_secs(1)) => {
+                        r.map_err(|e| e.to_string())?
+                    }
+                    _ = shutdown_signal() => {}
+                }
+            } else {
+                ctmirror::ops::print_status(&control, tenant.as_ref()).await.map_err(|e| e.to_string())?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Maintenance { config, tenant, state, reason } => {
+            let cfg = load_agent(&config)?;
+            if cfg.tenant(&tenant).is_none() {
+                return Err(format!("tenant {tenant} is not configured"));
+            }
+            let control = control_db(&cfg).await?;
+            let on = state == "on";
+            control
+                .set_maintenance(&tenant, on, reason.as_deref(), chrono::Utc::now())
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("tenant {tenant}: maintenance {state}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+fn load_agent(config: &std::path::Path) -> Result<ctmirror::config::AgentConfig, String> {
+    let file = ConfigFile::load(config).map_err(|e| e.to_string())?;
+    Ok(file.agent(&config.display().to_string()).map_err(|e| e.to_string())?.clone())
+}
+
+async fn control_db(cfg: &ctmirror::config::AgentConfig) -> Result<ctmirror::control::ControlDb, String> {
+    let url = cfg.control_url().map_err(|e| e.to_string())?;
+    ctmirror::control::ControlDb::connect(&url).await.map_err(|e| e.to_string())
+}
+
+async fn run_agent(config: PathBuf, once: bool) -> Result<ExitCode, String> {
+    use ctmirror::agent::hosted::{service_settings, ConfiguredRunner};
+    use ctmirror::agent::service::{default_owner, Mode, Service};
+    let cfg = load_agent(&config)?;
+    let settings = service_settings(&cfg, default_owner())?;
+    let runner = ConfiguredRunner::new(cfg.clone()).map_err(|e| e.to_string())?;
+    let control = control_db(&cfg).await?;
+    let pairs = runner.pairs();
+    let service = Service::new(control, runner, ctmirror::schedule::SystemClock, settings, pairs);
+    let mode = if once { Mode::Once } else { Mode::Forever };
+    let summary = service.run(mode, shutdown_signal()).await.map_err(|e| e.to_string())?;
+    if once {
+        println!("{} cycles, {} failed", summary.cycles, summary.failed);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn verify(PairArgs { config, tenant, app }: PairArgs, mirror_url: String) -> Result<ExitCode, String> {

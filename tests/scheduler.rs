@@ -439,9 +439,7 @@ async fn a_pass_with_once_runs_every_due_pair_once_and_returns() {
     let pairs: Vec<_> = (0..5).map(|i| pair(&format!("t{i}"))).collect();
     let store = Arc::new(MemoryStore::new());
     let servers = pairs.iter().map(|p| (p.clone(), "db:5432".to_owned())).collect();
-    let mut st = settings(None);
-    // Everything due now: first starts spread over a zero-length interval.
-    st.cadence.interval = Duration::from_millis(1);
+    let st = settings(None);
     let service = Service::new(store.clone(), script.clone(), clock, st, servers);
     let summary = service.run(Mode::Once, std::future::pending()).await.unwrap();
     assert_eq!(summary.cycles, 5);

@@ -127,6 +127,10 @@ pub fn run_result(result: Result<CycleReport, AgentError>) -> RunResult {
                 let failed = report.tables.iter().filter(|t| t.error.is_some()).count();
                 (Outcome::Failed, Some(format!("{failed} of {} tables failed", report.tables.len())))
             };
+            // A full load catches up to a version read after its scan, which
+            // can be later than the cycle's upper bound: the source was at
+            // least at the newest cursor.
+            let newest_cursor = report.tables.iter().filter_map(|t| t.cursor.as_ref()).map(|c| c.version().0).max();
             let record = RunRecord {
                 started: now,
                 ended: now,
@@ -134,7 +138,7 @@ pub fn run_result(result: Result<CycleReport, AgentError>) -> RunResult {
                 // Only a cycle-level error has a kind; table errors are per table.
                 error_kind: None,
                 error_message,
-                source_version: report.source_version.map(|v| v.0),
+                source_version: report.source_version.map(|v| v.0).max(newest_cursor),
                 tables,
             };
             RunResult { record, retry_after: None }

@@ -98,23 +98,32 @@ struct Running {
 
 pub struct Service<S, R, C> {
     shared: Arc<Shared<S, R, C>>,
-    pairs: Vec<PairRegistration>,
+    /// Configured pairs and their source servers.
+    pairs: Vec<(PairKey, String)>,
 }
 
 impl<S: PairStore, R: CycleRunner, C: Clock> Service<S, R, C> {
-    /// `pairs` are the configured pairs with their source servers; their
-    /// first due times are spread over the interval.
+    /// `pairs` are the configured pairs with their source servers.
     pub fn new(store: S, runner: R, clock: C, settings: ServiceSettings, pairs: Vec<(PairKey, String)>) -> Self {
-        let now = clock.now();
-        let pairs = pairs
-            .into_iter()
-            .map(|(key, server)| PairRegistration {
-                first_due: settings.cadence.first_due(&key, now),
-                key,
-                server,
-            })
-            .collect();
         Self { shared: Arc::new(Shared { store, runner, clock, settings }), pairs }
+    }
+
+    /// Pairs never seen before are spread over the interval by the service;
+    /// a `--once` pass runs them now (cron decides when passes happen, and a
+    /// first pass that does nothing would only puzzle).
+    fn registrations(&self, mode: Mode) -> Vec<PairRegistration> {
+        let now = self.shared.clock.now();
+        self.pairs
+            .iter()
+            .map(|(key, server)| PairRegistration {
+                first_due: match mode {
+                    Mode::Forever => self.shared.settings.cadence.first_due(key, now),
+                    Mode::Once => now,
+                },
+                key: key.clone(),
+                server: server.clone(),
+            })
+            .collect()
     }
 
     pub fn store(&self) -> &S {
@@ -126,7 +135,8 @@ impl<S: PairStore, R: CycleRunner, C: Clock> Service<S, R, C> {
     pub async fn run(&self, mode: Mode, shutdown: impl Future<Output = ()>) -> StoreResult<ServiceSummary> {
         let sh = &self.shared;
         let st = &sh.settings;
-        retrying("register pairs", || sh.store.register(&self.pairs)).await?;
+        let registrations = self.registrations(mode);
+        retrying("register pairs", || sh.store.register(&registrations)).await?;
         info!(
             pairs = self.pairs.len(),
             owner = %st.owner,
@@ -134,7 +144,7 @@ impl<S: PairStore, R: CycleRunner, C: Clock> Service<S, R, C> {
             blackout = %st.cadence.blackout.map(|b| b.to_string()).unwrap_or_else(|| "none".into()),
             "agent started"
         );
-        let mut keys: Vec<PairKey> = self.pairs.iter().map(|p| p.key.clone()).collect();
+        let mut keys: Vec<PairKey> = self.pairs.iter().map(|p| p.0.clone()).collect();
         let mut running: HashMap<PairKey, Running> = HashMap::new();
         let mut tasks: JoinSet<(PairKey, Outcome)> = JoinSet::new();
         let mut summary = ServiceSummary::default();

@@ -79,6 +79,11 @@ impl ControlDb {
         if pg.get_application_name().is_none() {
             pg.application_name("ctmirror-agent");
         }
+        // "already exists, skipping" notices of the idempotent migration
+        // preamble are noise in every `status` an operator runs.
+        if pg.get_options().is_none() {
+            pg.options("-c client_min_messages=warning");
+        }
         let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
