@@ -76,7 +76,7 @@ struct Fleet {
     control: TestDb,
     agent_key: Keypair,
     partner_key: Keypair,
-    tenants: Vec<(String, String)>,
+    tenants: Vec<(String, String, String)>,
     apps: Vec<(String, String, Vec<String>)>,
     settings: String,
     servers: Vec<tokio::task::JoinHandle<()>>,
@@ -131,6 +131,11 @@ impl Fleet {
     /// Starts a receiver for `app` writing into a new mirror database;
     /// returns its URL and the mirror.
     async fn receiver(&mut self, app: &str) -> (String, TestDb) {
+        self.receiver_with(app, None).await
+    }
+
+    /// A receiver that answers "do not replicate" when `paused` is set.
+    async fn receiver_with(&mut self, app: &str, paused: Option<&str>) -> (String, TestDb) {
         let mirror = TestDb::create(&format!("{app}_mirror")).await;
         let cfg = ReceiverConfig {
             listen: "127.0.0.1:0".into(),
@@ -141,7 +146,7 @@ impl Fleet {
             max_clock_skew_secs: 300,
             max_body_bytes: 64 << 20,
             drop_unmapped_tables: true,
-            paused_reason: None,
+            paused_reason: paused.map(str::to_owned),
             hooks: HookConfig { analyze: false, notify_channel: None, sql: vec![] },
         };
         let svc = ReceiverService::with_keys(cfg, self.partner_key.clone(), self.agent_key.public()).await.unwrap();
@@ -155,7 +160,12 @@ impl Fleet {
     }
 
     fn tenant(&mut self, id: &str, url: &str) {
-        self.tenants.push((id.to_owned(), url.to_owned()));
+        self.tenants.push((id.to_owned(), url.to_owned(), String::new()));
+    }
+
+    /// A tenant with extra `[[agent.tenant]]` lines (e.g. maintenance).
+    fn tenant_with(&mut self, id: &str, url: &str, extra: &str) {
+        self.tenants.push((id.to_owned(), url.to_owned(), extra.to_owned()));
     }
 
     fn app(&mut self, id: &str, receiver_url: &str, tenants: &[&str]) {
@@ -169,8 +179,10 @@ impl Fleet {
              control_database_url = \"{}\"\n{}\n",
             self.control.url, self.settings
         );
-        for (id, url) in &self.tenants {
-            cfg.push_str(&format!("[[agent.tenant]]\nid = \"{id}\"\nsource = \"postgres\"\nurl = \"{url}\"\n"));
+        for (id, url, extra) in &self.tenants {
+            cfg.push_str(&format!(
+                "[[agent.tenant]]\nid = \"{id}\"\nsource = \"postgres\"\nurl = \"{url}\"\n{extra}\n"
+            ));
         }
         for (id, url, tenants) in &self.apps {
             let list = tenants.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(", ");
@@ -501,16 +513,19 @@ async fn resync_reloads_a_damaged_table_or_a_whole_tenant_end_to_end() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_shows_a_running_an_idle_a_failing_and_a_maintenance_pair() {
+async fn status_shows_running_idle_failing_paused_and_maintenance_pairs() {
     let mut fleet = Fleet::new("status").await;
     let (url, _mirror) = fleet.receiver("crm").await;
+    let (quiet_url, _quiet_mirror) = fleet.receiver_with("quiet", Some("partner database upgrade")).await;
     let small = fleet.source("status_small", 10).await;
     let big = fleet.source("status_big", 40_000).await;
     fleet.tenant("idle", &small.url);
     fleet.tenant("busy", &big.url);
     fleet.tenant("broken", &small.url);
     fleet.tenant("resting", &small.url);
-    fleet.app("crm", &url, &["idle", "busy", "resting"]);
+    fleet.tenant_with("frozen", &small.url, "maintenance = true");
+    fleet.app("crm", &url, &["idle", "busy", "resting", "frozen"]);
+    fleet.app("quiet", &quiet_url, &["idle"]);
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     fleet.app("gone", &format!("http://127.0.0.1:{dead}"), &["broken"]);
     fleet.settings = fast_schedule(2, 5, "\n[agent.limits]\nsource_rows_per_sec = 4000");
@@ -527,6 +542,7 @@ async fn status_shows_a_running_an_idle_a_failing_and_a_maintenance_pair() {
         by("busy").is_some_and(|p| p.running.as_ref().is_some_and(|r| !r.progress.is_empty()))
             && by("idle").is_some_and(|p| p.last_outcome == Some(Outcome::Succeeded))
             && by("broken").is_some_and(|p| p.last_outcome == Some(Outcome::Failed))
+            && s.iter().any(|p| p.key == pair("idle", "quiet") && p.last_outcome == Some(Outcome::Paused))
     })
     .await;
 
@@ -542,6 +558,9 @@ async fn status_shows_a_running_an_idle_a_failing_and_a_maintenance_pair() {
     assert!(out.contains("last error (transient)"), "{out}");
     assert!(line("resting/crm").contains("maintenance"), "{out}");
     assert!(out.contains("moving to new hardware"), "{out}");
+    assert!(line("frozen/crm").contains("maintenance"), "the config flag: {out}");
+    assert!(line("idle/quiet").contains("paused"), "{out}");
+    assert!(out.contains("partner database upgrade"), "the partner's reason: {out}");
     assert!(out.contains(&format!("127.0.0.1:{dead}")), "the failing pair's error names the receiver: {out}");
     assert!(out.contains("snapshot@"), "the running pair's cursor: {out}");
 

@@ -70,7 +70,9 @@ pub(super) fn state(p: &PairStatus) -> String {
     if p.running.is_some() {
         return "running".into();
     }
-    if p.maintenance.is_some() {
+    // The control database's flag, or the configuration's (which only
+    // shows as the outcome of the turn it made the agent skip).
+    if p.maintenance.is_some() || p.last_outcome == Some(Outcome::Maintenance) {
         return "maintenance".into();
     }
     match p.last_outcome {
@@ -78,10 +80,8 @@ pub(super) fn state(p: &PairStatus) -> String {
         Some(Outcome::Failed) => "failing".into(),
         Some(Outcome::Paused) => "paused".into(),
         Some(Outcome::Interrupted) => "interrupted".into(),
-        // A turn skipped for a maintenance that is over: waiting like any
-        // other pair (the skip is noted below the header).
-        Some(Outcome::Succeeded | Outcome::Maintenance) => "idle".into(),
-        None => "new".into(),
+        Some(Outcome::Succeeded) => "idle".into(),
+        Some(Outcome::Maintenance) | None => "new".into(),
     }
 }
 
@@ -152,7 +152,7 @@ fn notes(p: &PairStatus) -> Vec<String> {
             lines.push(format!("    paused by the partner{kind}: {}", msg("it answered \"do not replicate\"")))
         }
         Some(Outcome::Maintenance) if p.maintenance.is_none() => {
-            lines.push(format!("    last turn skipped for maintenance{kind}: {}", msg("(no reason recorded)")))
+            lines.push(format!("    in maintenance: {}", msg("(no reason recorded)")))
         }
         Some(Outcome::Interrupted) if p.last_error.is_some() => {
             lines.push(format!("    last run interrupted{kind}: {}", msg("")))
@@ -400,12 +400,13 @@ acme/billing        failing (3 in a row)   last run 3m ago (took 10s)       last
         let out = render(&[m.clone()], now());
         assert_eq!(state(&m), "maintenance");
         assert!(out.contains("\n    in maintenance: upgrade [2J of the source\n"), "{out}");
-        assert!(!out.contains("skipped"), "{out}");
+        assert_eq!(out.matches("in maintenance").count(), 1, "{out}");
 
-        // Maintenance over: the pair waits its turn; the skip is noted.
+        // Maintenance from the configuration: only the skipped turn tells.
         m.maintenance = None;
-        assert_eq!(state(&m), "idle");
-        assert!(render(&[m], now()).contains("last turn skipped for maintenance: tenant in maintenance"));
+        m.last_error = Some("maintenance = true in the configuration".into());
+        assert_eq!(state(&m), "maintenance");
+        assert!(render(&[m], now()).contains("\n    in maintenance: maintenance = true in the configuration\n"));
 
         let mut p = idle("acme", "crm");
         p.last_outcome = Some(Outcome::Paused);
