@@ -620,3 +620,50 @@ async fn the_agent_without_a_control_database_says_what_is_missing() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("control database"), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_caught_by_the_blackout_stops_at_a_batch_boundary_and_resumes_after_it_without_loss() {
+    let mut fleet = Fleet::new("blackout").await;
+    let (url, mirror) = fleet.receiver("crm").await;
+    let src = fleet.source("blackout_src", 30_000).await;
+    fleet.tenant("acme", &src.url);
+    fleet.app("crm", &url, &["acme"]);
+    // A window of a few seconds, opening while the throttled load runs.
+    // Whole seconds: the window is configured as HH:MM:SS.
+    let opens = chrono::DurationRound::duration_trunc(chrono::Utc::now(), chrono::Duration::seconds(1)).unwrap()
+        + chrono::Duration::seconds(4);
+    let closes = opens + chrono::Duration::seconds(5);
+    fleet.settings = fast_schedule(1, 5, "\n[agent.limits]\nsource_rows_per_sec = 3000")
+        .replace("[agent.schedule.blackout]\nenabled = false\n", "")
+        + &format!(
+            "[agent.schedule.blackout]\nstart = \"{}\"\nend = \"{}\"\ntime_zone = \"UTC\"\n",
+            opens.format("%H:%M:%S"),
+            closes.format("%H:%M:%S")
+        );
+    let mut agent = fleet.agent(&[]);
+    wait_until("the window to open", Duration::from_secs(20), || async { chrono::Utc::now() >= opens }).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = mirror_rows(&mirror, "acme").await;
+    assert!(during > 0 && during < 30_000, "{during}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(mirror_rows(&mirror, "acme").await, during, "nothing is sent inside the window");
+    wait_until("the load to finish after the window", Duration::from_secs(40), || async {
+        mirror_rows(&mirror, "acme").await == 30_000
+    })
+    .await;
+    agent.sigterm();
+    assert_eq!(agent.wait_for(Duration::from_secs(30)), Some(0), "{}", agent.log());
+    assert!(agent.log().contains("blackout window opened"), "{}", agent.log());
+
+    let control = fleet.control().await;
+    let mut runs = control.runs(&pair("acme", "crm"), 100).await.unwrap();
+    runs.reverse();
+    assert_eq!(runs[0].outcome, "interrupted", "{runs:?}");
+    let resumed = &runs[1];
+    assert!(resumed.started >= closes, "resumed at {} before the window closed at {closes}", resumed.started);
+    assert!(matches!(resumed.tables[0].from_cursor, Some(Cursor::Snapshot { .. })), "{resumed:?}");
+    let sent: u64 = runs.iter().map(|r| r.tables.first().map_or(0, |t| t.rows)).sum();
+    assert_eq!(sent, 30_000, "every row sent exactly once across the interruption");
+    let (ok, out) = fleet.cli(&["verify", "--tenant", "acme", "--app", "crm", "--mirror-url", &mirror.url]);
+    assert!(ok, "{out}");
+}
