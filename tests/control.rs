@@ -413,7 +413,7 @@ async fn release_gives_the_pair_back() {
 }
 
 #[tokio::test]
-async fn prune_deletes_only_old_finished_runs() {
+async fn prune_deletes_only_old_finished_runs_and_done_resync_requests() {
     let (db, control) = fresh("prune_old_finished_runs").await;
     control
         .register(&[reg("t1", "a", "s1", t(0)), reg("t1", "b", "s1", t(0)), reg("t1", "c", "s1", t(0))])
@@ -439,6 +439,15 @@ async fn prune_deletes_only_old_finished_runs() {
         db.client().await.query_one("SELECT count(*) FROM ctmirror_control.table_runs", &[]).await.unwrap().get(0);
     assert_eq!(table_runs, 0, "table runs go with their run");
     assert_eq!(control.prune(t(500)).await.unwrap(), 0);
+
+    // Done resync requests older than the cutoff go too; pending ones stay.
+    let done = control.request_resync(&key("t1", "a"), None, t(0), false).await.unwrap();
+    let pending = control.request_resync(&key("t1", "a"), Some("orders"), t(0), false).await.unwrap();
+    control.resync_done(&[done], t(100)).await.unwrap();
+    control.prune(t(500)).await.unwrap();
+    let ids: Vec<i64> =
+        db.client().await.query("SELECT id FROM ctmirror_control.resync_requests", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, vec![pending]);
 }
 
 #[tokio::test]

@@ -35,11 +35,13 @@ struct Behaviour {
     /// set, a cycle works until the total is done.
     total: Option<u32>,
     fail: Option<(&'static str, Option<Duration>)>,
+    /// The first cycle panics (a bug in a cycle must not stop the agent).
+    panic_first: bool,
 }
 
 impl Default for Behaviour {
     fn default() -> Self {
-        Self { batches_per_cycle: 1, batch: MIN, total: None, fail: None }
+        Self { batches_per_cycle: 1, batch: MIN, total: None, fail: None, panic_first: false }
     }
 }
 
@@ -95,6 +97,17 @@ impl CycleRunner for Script {
             *m = (*m).max(*n);
         }
         let start = self.clock.now();
+        if b.panic_first && self.calls_of(pair).is_empty() {
+            self.calls.lock().unwrap().push(Call {
+                pair: pair.clone(),
+                start,
+                end: start,
+                batches: Vec::new(),
+                interrupted: false,
+            });
+            *self.running.lock().unwrap().get_mut(&server).unwrap() -= 1;
+            panic!("scripted panic in a cycle");
+        }
         let mut batches = Vec::new();
         let mut interrupted = false;
         let planned = match b.total {
@@ -446,4 +459,22 @@ async fn a_pass_with_once_runs_every_due_pair_once_and_returns() {
     for p in &pairs {
         assert_eq!(script.calls_of(p).len(), 1);
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_cycle_gives_its_pair_back_and_the_agent_goes_on() {
+    let clock = TokioClock::starting_at(utc(2026, 6, 1, 8, 0));
+    let mut script = Script::new(clock);
+    let buggy = pair("buggy");
+    let fine = pair("fine");
+    script.behaviour.insert(buggy.clone(), Behaviour { panic_first: true, ..Default::default() });
+    let script = Arc::new(script);
+    let (summary, store) =
+        simulate(script.clone(), settings(None), vec![buggy.clone(), fine.clone()], Duration::from_secs(2 * 3600)).await;
+    let calls = script.calls_of(&buggy);
+    assert!(calls.len() >= 4, "the pair runs again after the panic: {}", calls.len());
+    assert!(calls[1].start - calls[0].start >= chrono::Duration::minutes(20), "not at once: no spinning");
+    assert!(script.calls_of(&fine).len() >= 5);
+    assert!(summary.failed >= 1);
+    assert!(store.pair(&buggy).unwrap().lease.is_none());
 }

@@ -147,6 +147,8 @@ impl<S: PairStore, R: CycleRunner, C: Clock> Service<S, R, C> {
         let mut keys: Vec<PairKey> = self.pairs.iter().map(|p| p.0.clone()).collect();
         let mut running: HashMap<PairKey, Running> = HashMap::new();
         let mut tasks: JoinSet<(PairKey, Outcome)> = JoinSet::new();
+        // Which pair a task runs, to give its lease back should it panic.
+        let mut task_pairs: HashMap<tokio::task::Id, PairKey> = HashMap::new();
         let mut summary = ServiceSummary::default();
         let mut last_prune: Option<DateTime<Utc>> = None;
         let mut shutdown = std::pin::pin!(shutdown);
@@ -201,10 +203,11 @@ impl<S: PairStore, R: CycleRunner, C: Clock> Service<S, R, C> {
                                 keys.retain(|k| k != &key);
                             }
                             running.insert(
-                                key,
+                                key.clone(),
                                 Running { stop: stop.clone(), server: claim.server.clone(), lease: claim.lease.clone() },
                             );
-                            tasks.spawn(run_pair(sh.clone(), claim, stop));
+                            let handle = tasks.spawn(run_pair(sh.clone(), claim, stop));
+                            task_pairs.insert(handle.id(), key);
                         }
                     }
                     Err(e) => warn!(error = %e, "cannot claim due pairs; trying again"),
@@ -229,8 +232,10 @@ impl<S: PairStore, R: CycleRunner, C: Clock> Service<S, R, C> {
             let nap = (wake - now).to_std().unwrap_or(Duration::ZERO).max(Duration::from_millis(10));
             tokio::select! {
                 _ = tokio::time::sleep(nap) => {}
-                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                    settle(done, &mut running, &mut summary);
+                Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    if let Some(lease) = settle(done, &mut running, &mut task_pairs, &mut summary) {
+                        release_after_panic(sh, &lease).await;
+                    }
                 }
                 _ = &mut shutdown => {
                     info!(running = running.len(), "shutdown requested; no new cycles start");
@@ -246,7 +251,11 @@ impl<S: PairStore, R: CycleRunner, C: Clock> Service<S, R, C> {
         tokio::pin!(grace);
         while !tasks.is_empty() {
             tokio::select! {
-                Some(done) = tasks.join_next() => settle(done, &mut running, &mut summary),
+                Some(done) = tasks.join_next_with_id() => {
+                    if let Some(lease) = settle(done, &mut running, &mut task_pairs, &mut summary) {
+                        release_after_panic(sh, &lease).await;
+                    }
+                }
                 _ = &mut grace => {
                     warn!(running = tasks.len(), "shutdown grace elapsed; aborting the cycles still running");
                     tasks.abort_all();
@@ -265,25 +274,44 @@ impl<S: PairStore, R: CycleRunner, C: Clock> Service<S, R, C> {
     }
 }
 
+/// Books a finished task; returns the lease of a task that panicked, which
+/// nobody else will release.
 fn settle(
-    done: Result<(PairKey, Outcome), tokio::task::JoinError>,
+    done: Result<(tokio::task::Id, (PairKey, Outcome)), tokio::task::JoinError>,
     running: &mut HashMap<PairKey, Running>,
+    task_pairs: &mut HashMap<tokio::task::Id, PairKey>,
     summary: &mut ServiceSummary,
-) {
+) -> Option<Lease> {
     match done {
-        Ok((key, outcome)) => {
+        Ok((id, (key, outcome))) => {
+            task_pairs.remove(&id);
             running.remove(&key);
             summary.cycles += 1;
             if outcome == Outcome::Failed {
                 summary.failed += 1;
             }
+            None
         }
         Err(e) => {
-            // A panicking cycle: its lease expires and another claim takes
-            // the pair over; find it by elimination is not possible, so only
-            // log loudly.
-            error!(error = %e, "a cycle task panicked");
+            let key = task_pairs.remove(&e.id());
+            error!(pair = ?key.as_ref().map(|k| k.to_string()), error = %e, "a cycle task panicked");
+            summary.cycles += 1;
+            summary.failed += 1;
+            key.and_then(|k| running.remove(&k)).map(|r| r.lease)
         }
+    }
+}
+
+/// A panicked cycle recorded nothing; its pair is given back, due after
+/// one interval so a cycle that panics every time does not spin.
+async fn release_after_panic<S: PairStore, R: CycleRunner, C: Clock>(sh: &Arc<Shared<S, R, C>>, lease: &Lease) {
+    let st = &sh.settings;
+    let next = st.cadence.not_in_blackout(
+        &lease.key,
+        sh.clock.now() + chrono::Duration::from_std(st.cadence.interval).unwrap_or(chrono::Duration::minutes(20)),
+    );
+    if let Err(e) = sh.store.release(lease, next).await {
+        warn!(error = %e, "cannot release the panicked cycle's lease; it expires on its own");
     }
 }
 

@@ -317,6 +317,11 @@ async fn write_table_state(
 /// Deletes finished runs that started before `before` (their tables and
 /// progress go with them); running runs are kept whatever their age.
 pub(crate) async fn prune(client: &Client, before: DateTime<Utc>) -> StoreResult<u64> {
+    // Done resync requests are history too; pending ones are kept however old.
+    client
+        .execute("DELETE FROM ctmirror_control.resync_requests WHERE done_at < $1", &[&ts(before)])
+        .await
+        .map_err(pg)?;
     client
         .execute("DELETE FROM ctmirror_control.runs WHERE started < $1 AND ended IS NOT NULL", &[&ts(before)])
         .await
