@@ -53,6 +53,13 @@ fn garbage_flags_are_refused_with_usage_errors() {
         vec!["frobnicate"],
         vec!["keygen"],
         vec!["receiver", "--config"],
+        vec!["agent"],
+        vec!["agent", "--config", "x.toml", "--once=yes"],
+        vec!["status", "--config", "x.toml", "--tenant", "Bad Tenant"],
+        vec!["resync", "--config", "x.toml"],
+        vec!["resync", "--config", "x.toml", "--tenant", "acme", "--app", "../etc"],
+        vec!["maintenance", "--config", "x.toml", "--tenant", "acme"],
+        vec!["maintenance", "--config", "x.toml", "--tenant", "acme", "maybe"],
     ] {
         let o = run(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
