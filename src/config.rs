@@ -37,6 +37,11 @@ pub struct ReceiverConfig {
     /// them, frozen, for the partner to drop.
     #[serde(default = "yes")]
     pub drop_unmapped_tables: bool,
+    /// Keep a column the source dropped (or the map no longer names) in the
+    /// mirror table, made nullable and no longer filled, instead of
+    /// dropping it (default).
+    #[serde(default)]
+    pub keep_dropped_columns: bool,
     /// When set, Authenticate answers "do not replicate" with this reason.
     #[serde(default)]
     pub paused_reason: Option<String>,

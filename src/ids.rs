@@ -81,6 +81,15 @@ impl TenantId {
     pub fn mirror_schema(&self) -> String {
         format!("mirror_{}", self.0)
     }
+
+    /// Where the receiver builds shadow tables for this tenant's reloads.
+    /// A separate schema keeps half-loaded tables out of the partner's view
+    /// and lets a shadow carry the live table's exact name (and so its
+    /// constraint names) when it is moved in. At most 14 + 48 = 62 bytes,
+    /// and it cannot collide with a mirror schema.
+    pub fn load_schema(&self) -> String {
+        format!("ctmirror_load_{}", self.0)
+    }
 }
 
 #[cfg(test)]
@@ -107,6 +116,8 @@ mod tests {
     #[test]
     fn mirror_schema_is_prefixed() {
         assert_eq!(TenantId::new("acme").unwrap().mirror_schema(), "mirror_acme");
+        let longest = TenantId::new("x".repeat(48)).unwrap();
+        assert!(longest.load_schema().len() <= 63 && longest.mirror_schema().len() <= 63);
     }
 
     #[test]

@@ -48,6 +48,7 @@ fn table(name: &str, rows: u64, to: Option<Cursor>, error: Option<&str>) -> Tabl
         error_kind: error.map(|_| "source".to_owned()),
         error_message: error.map(str::to_owned),
         reloaded: false,
+        reload_reason: None,
     }
 }
 

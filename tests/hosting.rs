@@ -147,6 +147,7 @@ impl Fleet {
             max_clock_skew_secs: 300,
             max_body_bytes: 64 << 20,
             drop_unmapped_tables: true,
+            keep_dropped_columns: false,
             paused_reason: paused.map(str::to_owned),
             hooks: HookConfig { analyze: false, notify_channel: None, sql: vec![] },
         };

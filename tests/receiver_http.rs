@@ -7,7 +7,9 @@ mod support;
 use ctmirror::auth::{self, check_receiver_answer, Claims, Keypair, PublicKey, RequestSigner, Role};
 use ctmirror::config::{HookConfig, ReceiverConfig};
 use ctmirror::ids::{AppId, TenantId};
-use ctmirror::protocol::{ColumnSchema, ColumnType, Cursor, TableSchema, TableSchemaResponse, TableStatus, Version};
+use ctmirror::protocol::{
+    ColumnSchema, ColumnType, Cursor, Key, TableSchema, TableSchemaResponse, TableStatus, Value, Version,
+};
 use ctmirror::receiver::{quote_ident, ReceiverService};
 use serde_json::{json, Value as Json};
 use std::future::IntoFuture;
@@ -24,6 +26,7 @@ fn config(url: &str) -> ReceiverConfig {
         max_clock_skew_secs: 300,
         max_body_bytes: 1 << 20,
         drop_unmapped_tables: true,
+        keep_dropped_columns: false,
         paused_reason: None,
         hooks: HookConfig::default(),
     }
@@ -272,8 +275,8 @@ async fn bad_tokens_are_refused_with_401_and_nothing_is_written() {
         assert!(!msg.contains(&agent.public_base64()), "{what}: message leaks key material");
     }
     // A token for another operation's path does not open this one either.
-    let (_, wipe_token) = rig.signer.authorize("POST", &rig.path("wipe"), &body);
-    let a = rig.send(&path, Some("application/json"), Some(wipe_token), body.clone()).await;
+    let (_, reload_token) = rig.signer.authorize("POST", &rig.path("reload"), &body);
+    let a = rig.send(&path, Some("application/json"), Some(reload_token), body.clone()).await;
     assert_eq!(a.status, 401, "{}", a.body);
     rig.assert_nothing_written().await;
 }
@@ -500,21 +503,78 @@ async fn schema_answers_created_then_unchanged_with_the_cursor() {
 }
 
 #[tokio::test]
-async fn changed_schema_is_refused_and_table_and_cursor_kept() {
-    let rig = rig_with_items("schema_refused").await;
-    let mut changed = items();
-    changed.columns[2].data_type = ColumnType::Int32;
-    changed.columns.push(col("added", ColumnType::Bool, true));
-    let answer = rig.schema(&[changed]).await;
+async fn a_widened_column_is_altered_in_place_and_the_cursor_stands() {
+    let rig = rig_with_items("schema_widen").await;
+    let mut wider = items();
+    wider.columns[2].data_type = ColumnType::Int32;
+    wider.columns[1] = col("name", ColumnType::Text { max_length: Some(200) }, true);
+    let answer = rig.schema(&[wider.clone()]).await;
     let t = &answer.tables[0];
-    assert_eq!(t.status, TableStatus::Refused);
+    assert_eq!(t.status, TableStatus::Altered, "{t:?}");
     assert_eq!(t.cursor, Some(changes(1)));
-    assert_eq!(t.schema_hash, items().hash(), "answers the hash batches must name");
+    assert_eq!(t.schema_hash, wider.hash());
     let msg = t.message.as_deref().unwrap();
-    assert!(msg.contains("schema of table \"items\" changed"), "{msg}");
-    assert!(msg.contains("smallint -> integer") && msg.contains("\"added\" added"), "{msg}");
-    assert!(msg.contains("schema evolution is not supported yet"), "{msg}");
+    assert!(msg.contains("smallint -> integer") && msg.contains("varchar(20) -> varchar(200)"), "{msg}");
     assert_eq!(rig.dump("items").await.len(), 2);
+    // A value only the wider type holds now goes in, under the new hash.
+    let long = "x".repeat(150);
+    let b = batch(&wider, Some(changes(1)), changes(2), json!([upsert(2, json!([3, long, 40000, null]))]));
+    let a = rig.call("rows", &b).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    // A batch still following the old schema is refused.
+    let b = batch(&items(), Some(changes(2)), changes(3), json!([]));
+    assert_eq!(rig.call("rows", &b).await.kind(), "schema_mismatch");
+}
+
+#[tokio::test]
+async fn an_added_column_rebuilds_into_a_shadow_while_the_live_table_serves() {
+    let rig = rig_with_items("schema_rebuild").await;
+    let mut added = items();
+    added.columns.push(col("added", ColumnType::Bool, true));
+    let answer = rig.schema(&[added.clone()]).await;
+    let t = &answer.tables[0];
+    assert_eq!(t.status, TableStatus::Rebuilding, "{t:?}");
+    assert_eq!(t.cursor, None);
+    assert!(t.message.as_deref().unwrap().contains("\"added\" added"), "{t:?}");
+    // Asking again while the rebuild runs answers the same, and starts nothing new.
+    let snap = Cursor::Snapshot { version: Version(5), after_key: Some(Key(vec![Value::Int(1)])) };
+    let b = batch(&added, None, snap.clone(), json!([upsert(5, json!([1, "new", 1, null, true]))]));
+    assert_eq!(rig.call("rows", &b).await.status, 200);
+    let again = rig.schema(&[added.clone()]).await;
+    assert_eq!((again.tables[0].status, again.tables[0].cursor.clone()), (TableStatus::Rebuilding, Some(snap.clone())));
+    // Partners still read the old table, whole and in its old shape.
+    let live = rig.dump("items").await;
+    assert_eq!(live.len(), 2);
+    assert!(!live[0].contains("added"), "{live:?}");
+    // The batch that ends the snapshot swaps the shadow in.
+    let a = rig.call("rows", &batch(&added, Some(snap), changes(5), json!([]))).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let live = rig.dump("items").await;
+    assert_eq!(live.len(), 1);
+    assert!(live[0].contains("\"added\": true"), "{live:?}");
+    let shadows: i64 = rig
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM pg_tables WHERE schemaname = 'ctmirror_load_acme'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(shadows, 0);
+    assert_eq!(rig.schema(&[added]).await.tables[0].status, TableStatus::Unchanged);
+}
+
+#[tokio::test]
+async fn a_change_postgres_refuses_refuses_that_table_only() {
+    let rig = rig_with_items("schema_view").await;
+    rig.client().await.batch_execute("CREATE VIEW public.item_names AS SELECT name FROM mirror_acme.items").await.unwrap();
+    let mut wider = items();
+    wider.columns[1] = col("name", ColumnType::Text { max_length: Some(200) }, true);
+    let answer = rig.schema(&[wider, all_types()]).await;
+    let t = &answer.tables[0];
+    assert_eq!(t.status, TableStatus::Refused, "{t:?}");
+    assert!(t.message.as_deref().unwrap().contains("view"), "{t:?}");
+    assert_eq!(t.schema_hash, items().hash(), "answers the hash the table still has");
+    assert_eq!(answer.tables[1].status, TableStatus::Created);
     assert_eq!(rig.cursor("items").await, Some(changes(1)));
 }
 
@@ -822,21 +882,43 @@ async fn table_of_only_key_columns_upserts_idempotently() {
     assert_eq!(rig.dump("links").await.len(), 1);
 }
 
-// ---------------------------------------------------------------- wipe
+// ---------------------------------------------------------------- reload
 
 #[tokio::test]
-async fn wipe_empties_the_table_and_clears_the_cursor() {
-    let rig = rig_with_items("wipe").await;
-    let a = rig.call("wipe", &json!({"table": "items"})).await;
+async fn reload_keeps_the_live_table_until_the_new_load_completes() {
+    let rig = rig_with_items("reload").await;
+    let body = json!({"table": "items", "reason": "operator", "source_identity": "src-2"});
+    let a = rig.call("reload", &body).await;
     assert_eq!(a.status, 200, "{}", a.body);
-    assert_eq!(a.body, json!({"table": "items", "rows_removed": 2}));
-    assert!(rig.dump("items").await.is_empty());
+    assert_eq!(a.body, json!({"table": "items"}));
     assert_eq!(rig.cursor("items").await, None);
-    // The next full load starts from no cursor.
-    let a = rig.call("rows", &batch(&items(), None, changes(4), json!([upsert(4, json!([1, null, 1, null]))]))).await;
+    assert_eq!(rig.dump("items").await.len(), 2, "the live table is untouched");
+    let snap = Cursor::Snapshot { version: Version(4), after_key: Some(Key(vec![Value::Int(1)])) };
+    let a = rig.call("rows", &batch(&items(), None, snap.clone(), json!([upsert(4, json!([1, null, 1, null]))]))).await;
     assert_eq!(a.status, 200, "{}", a.body);
-    let a = rig.call("wipe", &json!({"table": "ghost"})).await;
+    assert_eq!(rig.dump("items").await.len(), 2, "the shadow fills, not the live table");
+    let a = rig.call("rows", &batch(&items(), Some(snap), changes(4), json!([]))).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(rig.dump("items").await, vec![r#"{"id": 1, "qty": 1, "name": null, "price": null}"#.to_string()]);
+    let identity: String = rig.client().await.query_one("SELECT source_identity FROM ctmirror.tables", &[]).await.unwrap().get(0);
+    assert_eq!(identity, "src-2");
+}
+
+#[tokio::test]
+async fn garbage_reload_requests_are_refused() {
+    let rig = rig_with_items("reload_bad").await;
+    let a = rig.call("reload", &json!({"table": "ghost", "reason": "r", "source_identity": "s"})).await;
     assert_eq!((a.status, a.kind()), (409, "unknown_table"), "{}", a.body);
+    for bad in [
+        json!({"table": "items"}),
+        json!({"table": "items", "reason": "r", "source_identity": "s", "wipe": true}),
+        json!({"table": "items", "reason": "r".repeat(3000), "source_identity": "s"}),
+        json!({"table": 5, "reason": "r", "source_identity": "s"}),
+    ] {
+        let a = rig.call("reload", &bad).await;
+        assert_eq!((a.status, a.kind()), (400, "bad_request"), "{bad}: {}", a.body);
+    }
+    assert_eq!(rig.cursor("items").await, Some(changes(1)), "nothing was touched");
 }
 
 // ---------------------------------------------------------------- completed
@@ -935,7 +1017,7 @@ async fn receivers_starting_together_migrate_once() {
     let (a, b, c) = tokio::join!(start(), start(), start());
     assert!(a.is_ok() && b.is_ok() && c.is_ok());
     let n: i64 = db.client().await.query_one("SELECT count(*) FROM ctmirror.migrations", &[]).await.unwrap().get(0);
-    assert_eq!(n, 1);
+    assert_eq!(n, 2, "each migration recorded once");
 }
 
 #[tokio::test]

@@ -109,8 +109,14 @@ impl PartnerClient {
         self.call(&protocol::schema_path(&self.signer.tenant), req).await
     }
 
-    pub async fn wipe(&self, table: &str) -> Result<WipeResponse, AgentError> {
-        self.call(&protocol::wipe_path(&self.signer.tenant), &WipeRequest { table: table.to_owned() }).await
+    /// Starts a reload of `table` into a shadow table (see [`ReloadRequest`]).
+    pub async fn reload(&self, table: &str, reason: &str, source_identity: &str) -> Result<ReloadResponse, AgentError> {
+        let req = ReloadRequest {
+            table: table.to_owned(),
+            reason: reason.to_owned(),
+            source_identity: source_identity.to_owned(),
+        };
+        self.call(&protocol::reload_path(&self.signer.tenant), &req).await
     }
 
     pub async fn completed(&self, req: &CompletedRequest) -> Result<CompletedResponse, AgentError> {

@@ -11,7 +11,7 @@ use super::limits::RateLimit;
 use super::stop::StopSignal;
 use super::report::{CycleReport, TableOutcome};
 use super::table_sync::{TablePlan, TableSync};
-use crate::protocol::{CompletedRequest, TableSchema, TableSchemaRequest, TableStatus};
+use crate::protocol::{CompletedRequest, TableSchema, TableSchemaRequest, TableState, TableStatus, Version};
 use crate::schema_map::SchemaMap;
 use crate::source::{ChunkLimits, Source, SourceSchema, SourceTable};
 use std::time::Instant;
@@ -92,6 +92,7 @@ pub async fn run_controlled_cycle<S: Source>(
         completion_error: None,
         duration: Default::default(),
         source_version: None,
+        restore: None,
     };
 
     let auth = client.authenticate().await?;
@@ -121,7 +122,7 @@ pub async fn run_controlled_cycle<S: Source>(
     }
 
     let request = TableSchemaRequest {
-        source_identity: identity,
+        source_identity: identity.clone(),
         tables: prepared.iter().map(|p| p.mirror.clone()).collect(),
         skipped,
     };
@@ -136,6 +137,11 @@ pub async fn run_controlled_cycle<S: Source>(
     let upper = source.current_version().await?;
     report.source_version = Some(upper);
     info!(%upper, tables = prepared.len(), "syncing");
+    let restore = Restore::detect(&identity, upper, &answer.tables);
+    if let Some(r) = &restore {
+        warn!(reason = %r.reason, "the source was restored or replaced; the tenant's mirror is rebuilt");
+        report.restore = Some(r.reason.clone());
+    }
 
     for p in &prepared {
         if let Some(reason) = control.stop.reason() {
@@ -167,9 +173,15 @@ pub async fn run_controlled_cycle<S: Source>(
             status: state.status,
             cursor: state.cursor.clone(),
             newly_enabled: p.newly_enabled,
+            message: state.message.clone(),
+            identity: &identity,
+            reload: match &restore {
+                Some(r) if r.covers(state) => Some(format!("source restored: {}", r.reason)),
+                _ if control.reload.covers(&p.mirror.name) => Some("reload requested by an operator".into()),
+                _ => None,
+            },
         };
-        let reload = control.reload.covers(&p.mirror.name);
-        let outcome = TableSync::new(source, client, plan, settings.limits, control, reload).run(upper).await;
+        let outcome = TableSync::new(source, client, plan, settings.limits, control).run(upper).await;
         report.tables.push(outcome);
     }
 
@@ -195,6 +207,57 @@ pub async fn run_controlled_cycle<S: Source>(
     }
     report.duration = started.elapsed();
     Ok(report)
+}
+
+/// A source that was restored from a backup or replaced: its history is no
+/// longer the one the mirror followed, so the tenant's mirror is rebuilt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Restore {
+    /// How it was detected, for the log and the run history.
+    pub reason: String,
+    /// Some mirror table is ahead of the source. Version numbers may then
+    /// be reused by the restored history, so no table's cursor can be
+    /// trusted, not just the ones that are ahead.
+    regressed: bool,
+    /// The source's identity now.
+    identity: String,
+}
+
+impl Restore {
+    /// Compares what the receiver holds with the source now: a table whose
+    /// rows came from another source identity, or a cursor past the
+    /// source's current version.
+    pub fn detect(identity: &str, upper: Version, tables: &[TableState]) -> Option<Restore> {
+        let mut held = tables.iter().filter(|t| t.cursor.is_some());
+        if let Some(t) = held.clone().find(|t| t.cursor.as_ref().is_some_and(|c| c.version() > upper)) {
+            let v = t.cursor.as_ref().map(|c| c.version()).unwrap_or(upper);
+            return Some(Restore {
+                reason: format!(
+                    "the mirror of {} is at version {v}, newer than the source's current version {upper}: the \
+                     source went back in time (restored from an older backup)",
+                    t.name
+                ),
+                regressed: true,
+                identity: identity.to_owned(),
+            });
+        }
+        let t = held.find(|t| t.source_identity.as_deref().is_some_and(|i| i != identity))?;
+        Some(Restore {
+            reason: format!(
+                "the source identity changed from {} to {identity} (the database was restored or replaced)",
+                t.source_identity.as_deref().unwrap_or("")
+            ),
+            regressed: false,
+            identity: identity.to_owned(),
+        })
+    }
+
+    /// Whether this table must be reloaded. A table already reloading from
+    /// the current source (its identity was updated when the reload began)
+    /// goes on; after a version regression every table holding rows goes.
+    pub fn covers(&self, table: &TableState) -> bool {
+        table.cursor.is_some() && (self.regressed || table.source_identity.as_deref() != Some(&*self.identity))
+    }
 }
 
 async fn prepare<S: Source>(

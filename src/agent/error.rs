@@ -14,8 +14,9 @@ pub enum AgentErrorKind {
     /// The receiver refused the request itself (bad request, schema refused,
     /// a value it cannot store): retrying the same data fails the same way.
     Refused,
-    /// The table's mirror needs a reload this issue does not perform yet
-    /// (cursor older than the source's retention, source restored).
+    /// The table's mirror needs a full reload: the receiver's table drifted
+    /// from its bookkeeping, or the source lost the changes past the cursor
+    /// while they were read. The table sync starts one (once per cycle).
     NeedsReload,
     /// Configuration or mapping is wrong (missing table or column, no key).
     Config,
@@ -68,6 +69,8 @@ impl AgentError {
     pub fn from_receiver(status: u16, detail: &ErrorDetail) -> Self {
         let kind = if detail.retryable || status >= 500 || status == 429 {
             AgentErrorKind::Transient
+        } else if detail.kind == "needs_reload" {
+            AgentErrorKind::NeedsReload
         } else if status == 401 || status == 403 {
             AgentErrorKind::Auth
         } else {

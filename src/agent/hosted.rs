@@ -113,6 +113,7 @@ pub fn run_result(result: Result<CycleReport, AgentError>) -> RunResult {
                     error_kind: t.error.as_ref().map(|e| e.kind.as_str().to_owned()),
                     error_message: t.error.as_ref().map(|e| e.message.clone()),
                     reloaded: t.reloaded,
+                    reload_reason: t.reload_reason.clone(),
                 })
                 .collect();
             let (outcome, error_message) = if let Some(reason) = &report.paused {

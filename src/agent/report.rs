@@ -21,8 +21,10 @@ pub struct TableOutcome {
     pub duration: Duration,
     /// The receiver's cursor when the table's turn began.
     pub start_cursor: Option<Cursor>,
-    /// The mirror table was wiped for a full reload in this cycle.
+    /// A full reload of the table started in this cycle.
     pub reloaded: bool,
+    /// Why it was reloaded.
+    pub reload_reason: Option<String>,
 }
 
 impl TableOutcome {
@@ -39,6 +41,7 @@ impl TableOutcome {
             duration: Duration::ZERO,
             start_cursor: None,
             reloaded: false,
+            reload_reason: None,
         }
     }
 
@@ -73,6 +76,9 @@ pub struct CycleReport {
     pub duration: Duration,
     /// The source's version this cycle synced up to.
     pub source_version: Option<crate::protocol::Version>,
+    /// Set when the cycle found the source restored or replaced and
+    /// rebuilt the tenant's mirror; says how it knew.
+    pub restore: Option<String>,
 }
 
 impl CycleReport {

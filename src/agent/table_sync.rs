@@ -29,6 +29,14 @@ pub struct TablePlan<'a> {
     /// Tracking was just turned on: the receiver's cursor (if any) belongs
     /// to an earlier tracking lifetime and cannot be trusted.
     pub newly_enabled: bool,
+    /// What the receiver said about the table (why it is rebuilding, what
+    /// it altered).
+    pub message: Option<String>,
+    /// The source's identity, stored with the table when a reload starts.
+    pub identity: &'a str,
+    /// The cycle decided this table must be reloaded (an operator's
+    /// request, a restored source), and why.
+    pub reload: Option<String>,
 }
 
 pub struct TableSync<'a, S: Source> {
@@ -37,10 +45,11 @@ pub struct TableSync<'a, S: Source> {
     plan: TablePlan<'a>,
     limits: ChunkLimits,
     control: &'a CycleControl,
-    /// An operator asked for this table to be reloaded from scratch.
-    reload: bool,
     outcome: TableOutcome,
     conflicts: u32,
+    /// A reload was started in this turn; a second need for one fails the
+    /// table instead of looping.
+    restarted: bool,
 }
 
 impl<'a, S: Source> TableSync<'a, S> {
@@ -50,11 +59,10 @@ impl<'a, S: Source> TableSync<'a, S> {
         plan: TablePlan<'a>,
         limits: ChunkLimits,
         control: &'a CycleControl,
-        reload: bool,
     ) -> Self {
         let mut outcome = TableOutcome::new(&plan.mirror.name);
         outcome.start_cursor = plan.cursor.clone();
-        Self { source, client, plan, limits, control, reload, outcome, conflicts: 0 }
+        Self { source, client, plan, limits, control, outcome, conflicts: 0, restarted: false }
     }
 
     /// Runs the table to the cycle's `upper` version. Never fails: errors end
@@ -103,6 +111,12 @@ impl<'a, S: Source> TableSync<'a, S> {
                 Err(e) if self.conflicts > before && self.conflicts < MAX_CONFLICTS => {
                     tracing::warn!(error = %e, "receiver holds another cursor; continuing from it");
                 }
+                // The receiver's table drifted from its bookkeeping, or the
+                // source lost the changes mid-read: a reload cures both.
+                Err(e) if e.kind == AgentErrorKind::NeedsReload && !self.restarted => {
+                    tracing::warn!(error = %e, "the table needs a reload; starting one");
+                    self.start_reload(e.message).await?;
+                }
                 other => return other,
             }
         }
@@ -110,36 +124,50 @@ impl<'a, S: Source> TableSync<'a, S> {
 
     async fn drive_once(&mut self, upper: Version) -> Result<(), AgentError> {
         let table = self.plan.schema.table.to_string();
+        if self.plan.cursor.is_some() {
+            let forced = self.plan.reload.take().or_else(|| {
+                self.plan
+                    .newly_enabled
+                    .then(|| "change tracking was just enabled; earlier cursors cannot be trusted".to_owned())
+            });
+            if let Some(reason) = forced {
+                self.start_reload(reason).await?;
+            }
+        }
+        self.plan.newly_enabled = false;
         let min_valid = self.source.min_valid_version(&self.plan.schema.table).await?;
         match self.plan.cursor.clone() {
-            None => self.full_load(None).await,
-            Some(_) if self.reload => {
-                info!("reload requested by an operator");
-                self.full_load(None).await
-            }
-            Some(_) if self.plan.newly_enabled => {
-                info!("change tracking was just enabled; the mirror is reloaded");
+            None => {
+                // The receiver holds nothing for the table (new, recreated,
+                // or a reload just began): a fresh full load.
+                if self.plan.status == TableStatus::Rebuilding && !self.outcome.reloaded {
+                    let reason = self.plan.message.clone().unwrap_or_else(|| "receiver is rebuilding the table".into());
+                    info!(%reason, "receiver started a rebuild");
+                    self.outcome.reloaded = true;
+                    self.outcome.reload_reason = Some(format!("receiver: {reason}"));
+                }
                 self.full_load(None).await
             }
             Some(Cursor::Snapshot { version, after_key }) => {
                 if version < min_valid {
-                    return Err(expired(&table, version, min_valid));
+                    self.start_reload(format!(
+                        "the interrupted full load of {table} stood at version {version}, older than the \
+                         source's oldest retained change (version {min_valid})"
+                    ))
+                    .await?;
+                    return self.full_load(None).await;
                 }
                 info!(%version, "resuming an interrupted full load");
                 self.full_load(Some((version, after_key))).await
             }
             Some(Cursor::Changes { version, .. }) => {
                 if version < min_valid {
-                    return Err(expired(&table, version, min_valid));
-                }
-                if version > upper {
-                    return Err(AgentError::new(
-                        AgentErrorKind::NeedsReload,
-                        format!(
-                            "the receiver's cursor for {table} is at version {version}, newer than the source's \
-                             {upper}: the source looks restored from an older backup; resync the table"
-                        ),
-                    ));
+                    self.start_reload(format!(
+                        "retention expired: the mirror of {table} is at version {version}, older than the \
+                         source's oldest retained change (version {min_valid})"
+                    ))
+                    .await?;
+                    return self.full_load(None).await;
                 }
                 self.outcome.mode = SyncMode::Incremental;
                 self.changes(upper).await?;
@@ -151,6 +179,19 @@ impl<'a, S: Source> TableSync<'a, S> {
         }
     }
 
+    /// Asks the receiver to restart the table into a shadow table; the live
+    /// table stays readable until the new load completes.
+    async fn start_reload(&mut self, reason: String) -> Result<(), AgentError> {
+        self.check_stop()?;
+        info!(%reason, "reloading the table");
+        self.client.reload(&self.plan.mirror.name, &reason, self.plan.identity).await?;
+        self.plan.cursor = None;
+        self.restarted = true;
+        self.outcome.reloaded = true;
+        self.outcome.reload_reason = Some(reason);
+        Ok(())
+    }
+
     /// A keyset scan in primary-key order as of version `S`, then the changes
     /// made since `S`. `resume` continues an interrupted load from the
     /// receiver's snapshot cursor instead of starting over.
@@ -158,19 +199,8 @@ impl<'a, S: Source> TableSync<'a, S> {
         self.outcome.mode = SyncMode::Full;
         let (snapshot_version, mut after) = match resume {
             Some(r) => r,
-            None => {
-                // A fresh load must start from an empty mirror table, or rows
-                // deleted at the source meanwhile would linger there.
-                if self.plan.cursor.is_some() || self.plan.status != TableStatus::Created {
-                    self.check_stop()?;
-                    self.client.wipe(&self.plan.mirror.name).await?;
-                    self.plan.cursor = None;
-                }
-                self.outcome.reloaded = true;
-                self.reload = false;
-                self.plan.newly_enabled = false;
-                (self.source.current_version().await?, None)
-            }
+            // The receiver holds no cursor, so its target table is empty.
+            None => (self.source.current_version().await?, None),
         };
         info!(version = %snapshot_version, "full load");
         loop {
@@ -295,12 +325,3 @@ impl<'a, S: Source> TableSync<'a, S> {
     }
 }
 
-fn expired(table: &str, cursor: Version, min_valid: Version) -> AgentError {
-    AgentError::new(
-        AgentErrorKind::NeedsReload,
-        format!(
-            "the receiver's cursor for {table} (version {cursor}) is older than the source's oldest retained \
-             change (version {min_valid}); the table needs a full reload"
-        ),
-    )
-}

@@ -184,28 +184,32 @@ async fn write_run(tx: &Transaction<'_>, lease: &Lease, run: RunId, record: &Run
     let kinds: Vec<Option<&str>> = t.iter().map(|t| t.error_kind.as_deref()).collect();
     let messages: Vec<Option<&str>> = t.iter().map(|t| t.error_message.as_deref()).collect();
     let reloaded: Vec<bool> = t.iter().map(|t| t.reloaded).collect();
+    let reasons: Vec<Option<&str>> = t.iter().map(|t| t.reload_reason.as_deref()).collect();
     // ON CONFLICT: a finish retried after a lost reply writes the same rows.
     tx.execute(
         "INSERT INTO ctmirror_control.table_runs AS tr
              (run_id, table_name, mode, rows, bytes, batches, from_cursor, to_cursor,
-              from_version, to_version, duration_ms, error_kind, error_message, reloaded)
+              from_version, to_version, duration_ms, error_kind, error_message, reloaded, reload_reason)
          SELECT DISTINCT ON (t.table_name)
                 $1, t.table_name, t.mode, t.rows, t.bytes, t.batches, t.from_cursor::jsonb, t.to_cursor::jsonb,
-                t.from_version, t.to_version, t.duration_ms, t.error_kind, t.error_message, t.reloaded
+                t.from_version, t.to_version, t.duration_ms, t.error_kind, t.error_message, t.reloaded,
+                t.reload_reason
          FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::text[], $8::text[],
-                     $9::bigint[], $10::bigint[], $11::bigint[], $12::text[], $13::text[], $14::bool[])
+                     $9::bigint[], $10::bigint[], $11::bigint[], $12::text[], $13::text[], $14::bool[], $15::text[])
               WITH ORDINALITY AS t(table_name, mode, rows, bytes, batches, from_cursor, to_cursor,
-                                   from_version, to_version, duration_ms, error_kind, error_message, reloaded, n)
+                                   from_version, to_version, duration_ms, error_kind, error_message, reloaded,
+                                   reload_reason, n)
          ORDER BY t.table_name, t.n DESC
          ON CONFLICT (run_id, table_name) DO UPDATE SET
              mode = EXCLUDED.mode, rows = EXCLUDED.rows, bytes = EXCLUDED.bytes, batches = EXCLUDED.batches,
              from_cursor = EXCLUDED.from_cursor, to_cursor = EXCLUDED.to_cursor,
              from_version = EXCLUDED.from_version, to_version = EXCLUDED.to_version,
              duration_ms = EXCLUDED.duration_ms, error_kind = EXCLUDED.error_kind,
-             error_message = EXCLUDED.error_message, reloaded = EXCLUDED.reloaded",
+             error_message = EXCLUDED.error_message, reloaded = EXCLUDED.reloaded,
+             reload_reason = EXCLUDED.reload_reason",
         &[
             &run.0, &names, &modes, &rows, &bytes, &batches, &from, &to, &from_v, &to_v, &ms, &kinds, &messages,
-            &reloaded,
+            &reloaded, &reasons,
         ],
     )
     .await

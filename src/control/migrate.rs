@@ -145,6 +145,12 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     CREATE INDEX resync_requests_pending ON ctmirror_control.resync_requests (tenant, app)
         WHERE done_at IS NULL;
     "#,
+}, Migration {
+    version: 2,
+    description: "why a table was reloaded (retention, restore, schema change, operator)",
+    sql: r#"
+    ALTER TABLE ctmirror_control.table_runs ADD COLUMN reload_reason text;
+    "#,
 }];
 
 /// The newest schema version this binary knows.

@@ -324,7 +324,7 @@ impl ControlDb {
         let tables = client
             .query(
                 "SELECT run_id, table_name, mode, rows, bytes, batches, from_cursor::text, to_cursor::text,
-                        duration_ms, error_kind, error_message, reloaded
+                        duration_ms, error_kind, error_message, reloaded, reload_reason
                  FROM ctmirror_control.table_runs WHERE run_id = ANY($1)
                  ORDER BY run_id, table_name",
                 &[&ids],
@@ -347,6 +347,7 @@ impl ControlDb {
                 error_kind: row.get(9),
                 error_message: row.get(10),
                 reloaded: row.get(11),
+                reload_reason: row.get(12),
                 table: name,
             });
         }

@@ -76,7 +76,7 @@ impl Cursor {
                 }
             }
             (Some(Cursor::Changes { .. }), Cursor::Snapshot { .. }) => Err(
-                "a table past its full load cannot return to a snapshot without a wipe".into(),
+                "a table past its full load cannot return to a snapshot without a reload".into(),
             ),
         }
     }

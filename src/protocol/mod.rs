@@ -1,7 +1,8 @@
 //! The wire contract between agent and receiver (`docs/protocol.md`).
 //!
 //! Five operations, after SuperOffice's mirroring client: Authenticate,
-//! TableSchema, RowData, Wipe and ReplicationCompleted. Every request is a
+//! TableSchema, RowData, Reload (SuperOffice's Wipe, made non-destructive)
+//! and ReplicationCompleted. Every request is a
 //! JSON `POST` under a versioned path and carries a signed token in the
 //! `Authorization` header (see [`crate::auth`]).
 
@@ -31,8 +32,8 @@ pub fn schema_path(tenant: &TenantId) -> String {
 pub fn rows_path(tenant: &TenantId) -> String {
     format!("{PREFIX}/tenants/{tenant}/rows")
 }
-pub fn wipe_path(tenant: &TenantId) -> String {
-    format!("{PREFIX}/tenants/{tenant}/wipe")
+pub fn reload_path(tenant: &TenantId) -> String {
+    format!("{PREFIX}/tenants/{tenant}/reload")
 }
 pub fn completed_path(tenant: &TenantId) -> String {
     format!("{PREFIX}/tenants/{tenant}/completed")
@@ -79,6 +80,15 @@ pub enum TableStatus {
     Created,
     /// The mirror table exists with this exact schema.
     Unchanged,
+    /// The schema changed compatibly (a column dropped, widened or made
+    /// nullable, columns reordered) and the table was altered in place; its
+    /// cursor stands. `message` lists what changed.
+    Altered,
+    /// A reload into a shadow table is in progress (it was just started for
+    /// an incompatible schema change, or an earlier one is not finished):
+    /// `cursor` is the shadow's, and the live table stays readable until
+    /// the load completes and replaces it. `message` says why.
+    Rebuilding,
     /// The receiver cannot take this schema; `message` says why. Rows for
     /// this table will be refused until the schema is acceptable.
     Refused,
@@ -95,6 +105,11 @@ pub struct TableState {
     pub schema_hash: String,
     #[serde(default)]
     pub message: Option<String>,
+    /// The identity of the source the table's rows came from; `None` for a
+    /// table that holds nothing yet. A different identity than the agent's
+    /// source has now means the source was replaced (restored).
+    #[serde(default)]
+    pub source_identity: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -160,17 +175,26 @@ pub struct RowBatchResponse {
     pub counts: ChangeCounts,
 }
 
+/// Starts a full reload of one table: the receiver prepares an empty shadow
+/// table and forgets the cursor, so the next batches (from no cursor) fill
+/// the shadow while partners keep reading the live table. The batch that
+/// moves the cursor from the snapshot to the change stream swaps the shadow
+/// in. Sending Reload again restarts the reload from nothing.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct WipeRequest {
+pub struct ReloadRequest {
     pub table: String,
+    /// Why (retention expired, source restored, operator request), for the
+    /// partner's bookkeeping and logs.
+    pub reason: String,
+    /// The source the new rows come from; stored with the table.
+    pub source_identity: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct WipeResponse {
+pub struct ReloadResponse {
     pub table: String,
-    pub rows_removed: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,7 +245,8 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorDetail {
     /// Machine-readable: `unauthorized`, `bad_request`, `conflict`,
-    /// `schema_mismatch`, `unprocessable`, `internal`, `unavailable`.
+    /// `schema_mismatch`, `unprocessable`, `needs_reload`, `internal`,
+    /// `unavailable` (the full list is in `docs/receiver.md`).
     pub kind: String,
     pub message: String,
     /// Whether sending the same request again may succeed.

@@ -11,6 +11,7 @@
 use super::ddl;
 use super::error::{ErrorKind, ReceiverError};
 use super::sql::{ident_list, qualified, quote_ident};
+use super::reload;
 use super::store;
 use crate::ids::TenantId;
 use crate::pgtext::to_pg_text;
@@ -27,6 +28,10 @@ pub struct Prepared {
     pub upserts: Vec<Vec<Option<String>>>,
     /// One array per key column, one element per deleted row.
     pub deletes: Vec<Vec<Option<String>>>,
+    /// The keys of the upserted rows, in array order, for error messages.
+    pub upsert_keys: Vec<Key>,
+    /// The keys of the deleted rows, in array order.
+    pub delete_keys: Vec<Key>,
 }
 
 impl Prepared {
@@ -38,14 +43,22 @@ impl Prepared {
     }
 }
 
+/// The `i`th element of every array: one row in the statements' shape.
+fn single(arrays: &[Vec<Option<String>>], i: usize) -> Vec<Vec<Option<String>>> {
+    arrays.iter().map(|a| vec![a[i].clone()]).collect()
+}
+
 /// Checks every row of the batch against the table's schema: value counts,
 /// each value's wire form for its column type, NULLs where the schema has
 /// none, keys that appear twice, and versions past the batch's cursor.
 pub fn prepare(schema: &TableSchema, batch: &RowBatch) -> Result<Prepared, ReceiverError> {
     let key_pos = schema.key_positions();
     let to_version = batch.to.version();
-    let mut out =
-        Prepared { upserts: vec![Vec::new(); schema.columns.len()], deletes: vec![Vec::new(); key_pos.len()] };
+    let mut out = Prepared {
+        upserts: vec![Vec::new(); schema.columns.len()],
+        deletes: vec![Vec::new(); key_pos.len()],
+        ..Prepared::default()
+    };
     let mut seen_keys: HashSet<Vec<Option<String>>> = HashSet::new();
     let refuse = |i: usize, key: Option<&Key>, msg: String| {
         let at = match key {
@@ -87,6 +100,7 @@ pub fn prepare(schema: &TableSchema, batch: &RowBatch) -> Result<Prepared, Recei
                 for (array, text) in out.upserts.iter_mut().zip(texts) {
                     array.push(text);
                 }
+                out.upsert_keys.push(key.expect("value count checked above"));
             }
             RowChange::Delete { version, key } => {
                 if *version > to_version {
@@ -113,6 +127,7 @@ pub fn prepare(schema: &TableSchema, batch: &RowBatch) -> Result<Prepared, Recei
                 for (array, text) in out.deletes.iter_mut().zip(texts) {
                     array.push(text);
                 }
+                out.delete_keys.push(key.clone());
             }
         }
     }
@@ -247,9 +262,24 @@ pub async fn apply(
     Cursor::may_advance(row.cursor.as_ref(), &batch.to)
         .map_err(|e| ReceiverError::bad_request(format!("table {table:?}: {e}")).with_table(table))?;
     let prepared = prepare(&row.schema, batch)?;
-    let mirror = tenant.mirror_schema();
-    let counts =
-        write(&tx, &mirror, &row.schema, &prepared).await.map_err(|e| ReceiverError::from(e).with_table(table))?;
+    let target = reload::target_schema(tenant, &row);
+    let counts = match write(&tx, &target, &row.schema, &prepared).await {
+        Ok(counts) => counts,
+        Err(e) => {
+            let e = write_error(e, table);
+            drop(tx);
+            if e.kind == ErrorKind::Unprocessable {
+                return Err(locate(client, &target, &row.schema, &prepared).await.unwrap_or(e));
+            }
+            return Err(e);
+        }
+    };
+    // The batch that ends a reload's snapshot moves the loaded shadow in,
+    // in the same transaction as its rows and cursor.
+    let swapped = row.reloading && !batch.to.is_snapshot();
+    if swapped {
+        reload::swap(&tx, tenant, table).await?;
+    }
     store::set_cursor(&tx, tenant, table, Some(&batch.to)).await?;
     tx.commit().await.map_err(|e| ReceiverError::from(e).with_table(table))?;
     tracing::info!(
@@ -257,9 +287,78 @@ pub async fn apply(
         updated = counts.updated,
         deleted = counts.deleted,
         cursor = %batch.to,
+        shadow = row.reloading && !swapped,
         "batch applied"
     );
     Ok(RowBatchResponse { cursor: batch.to.clone(), applied: true, counts })
+}
+
+/// SQLSTATEs of a mirror table that no longer has the shape its
+/// bookkeeping says (the partner dropped the table, a column or the key,
+/// or changed a type): a reload rebuilds it.
+fn is_drift(code: &str) -> bool {
+    matches!(code, "42P01" | "42703" | "42P10" | "42804" | "42883")
+}
+
+fn write_error(e: tokio_postgres::Error, table: &str) -> ReceiverError {
+    let drift = e.code().is_some_and(|c| is_drift(c.code()));
+    let base = ReceiverError::from(e).with_table(table);
+    if drift {
+        ReceiverError::new(
+            ErrorKind::NeedsReload,
+            format!("mirror table {table:?} no longer matches its schema ({}); it needs a reload", base.message),
+        )
+        .with_table(table)
+    } else {
+        base
+    }
+}
+
+/// Rows tried one by one at most, to name the row PostgreSQL refused.
+const LOCATE_LIMIT: usize = 20_000;
+
+/// After PostgreSQL refused a batch, finds the first row it refuses by
+/// applying the rows one at a time (in the batch's order, each under a
+/// savepoint) in a transaction that is always rolled back. Costs one
+/// statement per row, and only when a batch already failed. `None` when no
+/// single row fails (a deferred constraint, say) or the batch is too large.
+async fn locate(
+    client: &mut tokio_postgres::Client,
+    target: &str,
+    schema: &TableSchema,
+    prepared: &Prepared,
+) -> Option<ReceiverError> {
+    if prepared.delete_count() + prepared.upsert_count() > LOCATE_LIMIT {
+        return None;
+    }
+    let mut tx = client.transaction().await.ok()?;
+    let steps = [
+        (delete_sql(target, schema), &prepared.deletes, &prepared.delete_keys),
+        (upsert_sql(target, schema), &prepared.upserts, &prepared.upsert_keys),
+    ];
+    for (sql, arrays, keys) in steps {
+        if keys.is_empty() {
+            continue;
+        }
+        let statement = tx.prepare(&sql).await.ok()?;
+        for (i, key) in keys.iter().enumerate() {
+            let one = single(arrays, i);
+            let sp = tx.transaction().await.ok()?;
+            if let Err(e) = sp.query(&statement, &params(&one)).await {
+                let e = ReceiverError::from(e);
+                return Some(
+                    ReceiverError::new(
+                        e.kind,
+                        format!("table {:?}, key {key}: {}; nothing of the batch was applied", schema.name, e.message),
+                    )
+                    .with_table(&schema.name)
+                    .with_key(Some(key.clone())),
+                );
+            }
+            sp.commit().await.ok()?;
+        }
+    }
+    None
 }
 
 fn show(c: Option<&Cursor>) -> String {

@@ -81,43 +81,6 @@ pub fn drop_table(mirror_schema: &str, table: &str) -> String {
     format!("DROP TABLE IF EXISTS {}", qualified(mirror_schema, table))
 }
 
-/// What differs between the schema the receiver holds and a new one, for
-/// the message of a refused schema change.
-pub fn describe_change(old: &TableSchema, new: &TableSchema) -> String {
-    let mut changes = Vec::new();
-    for c in &new.columns {
-        match old.columns.iter().find(|o| o.name == c.name) {
-            None => changes.push(format!("column {:?} added", c.name)),
-            Some(o) => {
-                if o.data_type != c.data_type {
-                    changes.push(format!(
-                        "column {:?} type {} -> {}",
-                        c.name,
-                        pg_type(&o.data_type),
-                        pg_type(&c.data_type)
-                    ));
-                }
-                if o.nullable != c.nullable {
-                    let now = if c.nullable { "nullable" } else { "not null" };
-                    changes.push(format!("column {:?} is now {now}", c.name));
-                }
-            }
-        }
-    }
-    for o in &old.columns {
-        if !new.columns.iter().any(|c| c.name == o.name) {
-            changes.push(format!("column {:?} removed", o.name));
-        }
-    }
-    if old.primary_key != new.primary_key {
-        changes.push(format!("primary key {:?} -> {:?}", old.primary_key, new.primary_key));
-    }
-    if changes.is_empty() {
-        changes.push("column order".into());
-    }
-    changes.join("; ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,23 +113,6 @@ mod tests {
         assert_eq!(
             create_table("mirror_t", &t),
             "CREATE TABLE \"mirror_t\".\"a\"\"b\" (\"select\" integer NOT NULL, \"x y\" jsonb, PRIMARY KEY (\"select\"))"
-        );
-    }
-
-    #[test]
-    fn schema_changes_are_described() {
-        let old = TableSchema {
-            name: "t".into(),
-            columns: vec![col("id", ColumnType::Int32, false), col("gone", ColumnType::Bool, true)],
-            primary_key: vec!["id".into()],
-        };
-        let mut new = old.clone();
-        new.columns[0].data_type = ColumnType::Int64;
-        new.columns[1] = col("new", ColumnType::Bool, true);
-        let d = describe_change(&old, &new);
-        assert!(
-            d.contains("integer -> bigint") && d.contains("\"new\" added") && d.contains("\"gone\" removed"),
-            "{d}"
         );
     }
 }

@@ -23,7 +23,7 @@ pub enum ErrorKind {
     NotFound,
     /// The path exists but only for `POST`.
     MethodNotAllowed,
-    /// Rows or a wipe for a table no schema call announced.
+    /// Rows or a reload for a table no schema call announced.
     UnknownTable,
     /// The batch follows another schema than the one the receiver holds.
     SchemaMismatch,
@@ -31,6 +31,10 @@ pub enum ErrorKind {
     Conflict,
     /// PostgreSQL refused the data itself (SQLSTATE classes 21, 22, 23).
     Unprocessable,
+    /// The mirror table no longer matches its bookkeeping (the partner
+    /// dropped it, dropped or retyped a column, dropped its key): a reload
+    /// rebuilds it, sending the same batch again cannot help.
+    NeedsReload,
     /// Anything unexpected on the receiver's side; may pass on retry.
     Internal,
     /// The partner database cannot be reached right now.
@@ -48,7 +52,9 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ErrorKind::UnknownTable | ErrorKind::SchemaMismatch | ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::UnknownTable | ErrorKind::SchemaMismatch | ErrorKind::Conflict | ErrorKind::NeedsReload => {
+                StatusCode::CONFLICT
+            }
             ErrorKind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorKind::Internal | ErrorKind::Startup => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -68,6 +74,7 @@ impl ErrorKind {
             ErrorKind::SchemaMismatch => "schema_mismatch",
             ErrorKind::Conflict => "conflict",
             ErrorKind::Unprocessable => "unprocessable",
+            ErrorKind::NeedsReload => "needs_reload",
             ErrorKind::Internal => "internal",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Startup => "startup",

@@ -7,7 +7,7 @@
 //! and every refusal is an [`ErrorBody`](crate::protocol::ErrorBody).
 
 use super::error::{ErrorKind, ReceiverError};
-use super::{apply, hooks, schema, wipe, ReceiverService};
+use super::{apply, hooks, reload, schema, ReceiverService};
 use crate::auth::{self, RequestFacts};
 use crate::ids::TenantId;
 use crate::protocol::{self, AuthenticateRequest, AuthenticateResponse};
@@ -28,7 +28,7 @@ enum Op {
     Authenticate,
     Schema,
     Rows,
-    Wipe,
+    Reload,
     Completed,
 }
 
@@ -38,7 +38,7 @@ impl Op {
             Op::Authenticate => "authenticate",
             Op::Schema => "schema",
             Op::Rows => "rows",
-            Op::Wipe => "wipe",
+            Op::Reload => "reload",
             Op::Completed => "completed",
         }
     }
@@ -50,7 +50,7 @@ pub fn router(service: ReceiverService) -> Router {
         .route(&format!("{p}/tenants/{{tenant}}/authenticate"), post(authenticate))
         .route(&format!("{p}/tenants/{{tenant}}/schema"), post(schema_call))
         .route(&format!("{p}/tenants/{{tenant}}/rows"), post(rows))
-        .route(&format!("{p}/tenants/{{tenant}}/wipe"), post(wipe_call))
+        .route(&format!("{p}/tenants/{{tenant}}/reload"), post(reload_call))
         .route(&format!("{p}/tenants/{{tenant}}/completed"), post(completed))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -68,8 +68,8 @@ async fn schema_call(State(s): State<ReceiverService>, p: TenantPath, req: Reque
 async fn rows(State(s): State<ReceiverService>, p: TenantPath, req: Request) -> Response {
     handle(s, Op::Rows, p, req).await
 }
-async fn wipe_call(State(s): State<ReceiverService>, p: TenantPath, req: Request) -> Response {
-    handle(s, Op::Wipe, p, req).await
+async fn reload_call(State(s): State<ReceiverService>, p: TenantPath, req: Request) -> Response {
+    handle(s, Op::Reload, p, req).await
 }
 async fn completed(State(s): State<ReceiverService>, p: TenantPath, req: Request) -> Response {
     handle(s, Op::Completed, p, req).await
@@ -136,7 +136,7 @@ async fn checked(s: &ReceiverService, op: Op, path: TenantPath, req: Request) ->
         Op::Schema => {
             let req: protocol::TableSchemaRequest = parse(&body)?;
             let mut client = inner.pool.get().await?;
-            let answer = schema::apply(&mut client, &tenant, &req, inner.cfg.drop_unmapped_tables).await?;
+            let answer = schema::apply(&mut client, &tenant, &req, &inner.cfg).await?;
             Ok(Json(answer).into_response())
         }
         Op::Rows => {
@@ -146,11 +146,11 @@ async fn checked(s: &ReceiverService, op: Op, path: TenantPath, req: Request) ->
             let answer = apply::apply(&mut client, &tenant, &req).await?;
             Ok(Json(answer).into_response())
         }
-        Op::Wipe => {
-            let req: protocol::WipeRequest = parse(&body)?;
+        Op::Reload => {
+            let req: protocol::ReloadRequest = parse(&body)?;
             tracing::Span::current().record("table", req.table.as_str());
             let mut client = inner.pool.get().await?;
-            let answer = wipe::apply(&mut client, &tenant, &req).await?;
+            let answer = reload::apply(&mut client, &tenant, &req).await?;
             Ok(Json(answer).into_response())
         }
         Op::Completed => {

@@ -3,19 +3,21 @@
 //! [`ReceiverService`] holds the keys, the configuration and a connection
 //! pool to the partner database; [`ReceiverService::router`] serves the five
 //! protocol calls (`http`), and each call's database work lives in its own
-//! module: `schema`, `apply` (rows), `wipe`, `hooks` (completed). The
-//! bookkeeping tables are in `store`, type mapping and DDL in `ddl`.
+//! module: `schema` (with `evolve` for changed schemas), `apply` (rows),
+//! `reload` (shadow tables), `hooks` (completed). The bookkeeping tables
+//! are in `store`, type mapping and DDL in `ddl`.
 //! See `docs/receiver.md`.
 
 mod apply;
 mod ddl;
 mod error;
+mod evolve;
 mod hooks;
 mod http;
+mod reload;
 mod schema;
 mod sql;
 mod store;
-mod wipe;
 
 pub use error::{ErrorKind, ReceiverError};
 pub use sql::quote_ident;

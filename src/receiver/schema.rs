@@ -1,17 +1,22 @@
-//! The TableSchema call: create mirror tables, report the cursor of each,
-//! and retire tables the application no longer maps.
+//! The TableSchema call: create mirror tables, evolve them when the source
+//! schema changed (`evolve` decides in place or rebuild), report the cursor
+//! of each, and retire tables the application no longer maps.
 //!
 //! Everything happens in one transaction (PostgreSQL DDL is transactional),
 //! so a failure leaves neither half-created tables nor bookkeeping rows
 //! that point at nothing.
 
 use super::ddl;
-use super::error::ReceiverError;
+use super::error::{ErrorKind, ReceiverError};
+use super::evolve::{self, Evolution, Step};
+use super::reload;
 use super::sql::quote_ident;
 use super::store::{self, TableRow};
+use crate::config::ReceiverConfig;
 use crate::ids::TenantId;
 use crate::protocol::{TableSchema, TableSchemaRequest, TableSchemaResponse, TableState, TableStatus};
 use std::collections::{HashMap, HashSet};
+use tokio_postgres::Transaction;
 
 /// Checks every table before anything is written: a request with one bad
 /// table is refused whole, so the mirror never holds half a schema call.
@@ -33,52 +38,46 @@ pub async fn apply(
     client: &mut tokio_postgres::Client,
     tenant: &TenantId,
     req: &TableSchemaRequest,
-    drop_unmapped: bool,
+    cfg: &ReceiverConfig,
 ) -> Result<TableSchemaResponse, ReceiverError> {
     validate(req)?;
     let mirror = tenant.mirror_schema();
-    let tx = client.transaction().await?;
+    let mut tx = client.transaction().await?;
     store::lock_tenant(&tx, tenant).await?;
     tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&mirror))).await?;
     let known: HashMap<String, TableRow> =
         store::lock_all(&tx, tenant).await?.into_iter().map(|r| (r.name.clone(), r)).collect();
-    let physical = store::physical_tables(&tx, &mirror).await?;
+    let physical = Physical {
+        live: store::physical_tables(&tx, &mirror).await?,
+        shadow: store::physical_tables(&tx, &tenant.load_schema()).await?,
+    };
 
     let mut states = Vec::with_capacity(req.tables.len());
     for table in &req.tables {
-        let state = match known.get(&table.name) {
-            None => {
-                // A same-named table without a bookkeeping row is a leftover
-                // (of a crashed receiver or a hand-made copy): its rows have
-                // no cursor, so they cannot be trusted.
-                if physical.contains(&table.name) {
-                    tx.batch_execute(&ddl::drop_table(&mirror, &table.name)).await.map_err(|e| db(e, table))?;
-                }
-                create(&tx, tenant, &mirror, table, &req.source_identity).await?
+        // Each table under its own savepoint: a change PostgreSQL refuses
+        // (a partner's view on a column being altered) refuses that table
+        // only, and leaves nothing of it behind.
+        let sp = tx.transaction().await?;
+        let result = evolve_table(&sp, tenant, table, known.get(&table.name), &physical, req, cfg).await;
+        let state = match result {
+            Ok(state) => {
+                sp.commit().await?;
+                state
             }
-            Some(row) if row.schema_hash == table.hash() => {
-                if physical.contains(&table.name) {
-                    store::set_source_identity(&tx, tenant, &table.name, &req.source_identity).await?;
-                    state(table, TableStatus::Unchanged, row.cursor.clone(), None)
-                } else {
-                    // The partner dropped the mirror table: start it over.
-                    create(&tx, tenant, &mirror, table, &req.source_identity).await?
+            Err(e) if e.kind == ErrorKind::Unavailable => return Err(e),
+            Err(e) => {
+                sp.rollback().await?;
+                tracing::warn!(table = %table.name, error = %e, "schema change refused");
+                let row = known.get(&table.name);
+                let mut s = state(table, TableStatus::Refused, row.and_then(|r| r.cursor.clone()), Some(e.message));
+                if let Some(row) = row {
+                    s.schema_hash = row.schema_hash.clone();
+                    s.source_identity = Some(row.source_identity.clone());
                 }
-            }
-            Some(row) => {
-                store::set_source_identity(&tx, tenant, &table.name, &req.source_identity).await?;
-                let message = format!(
-                    "schema of table {:?} changed ({}); schema evolution is not supported yet",
-                    table.name,
-                    ddl::describe_change(&row.schema, table)
-                );
-                let mut s = state(table, TableStatus::Refused, row.cursor.clone(), Some(message));
-                // Report the hash the receiver holds: the one batches must name.
-                s.schema_hash = row.schema_hash.clone();
                 s
             }
         };
-        tracing::info!(table = %table.name, status = ?state.status, "table schema");
+        tracing::info!(table = %table.name, status = ?state.status, message = state.message.as_deref().unwrap_or(""), "table schema");
         states.push(state);
     }
 
@@ -89,8 +88,9 @@ pub async fn apply(
     let mut dropped: Vec<String> = known.keys().filter(|n| !listed.contains(n.as_str())).cloned().collect();
     dropped.sort();
     for name in &dropped {
-        if drop_unmapped {
+        if cfg.drop_unmapped_tables {
             tx.batch_execute(&ddl::drop_table(&mirror, name)).await?;
+            tx.batch_execute(&ddl::drop_table(&tenant.load_schema(), name)).await?;
             store::forget_table(&tx, tenant, name).await?;
             tracing::info!(table = %name, "dropped unmapped mirror table");
         } else {
@@ -101,8 +101,81 @@ pub async fn apply(
     Ok(TableSchemaResponse { tables: states, dropped })
 }
 
+/// Which tables exist in the mirror schema and in the load schema.
+struct Physical {
+    live: HashSet<String>,
+    shadow: HashSet<String>,
+}
+
+/// Brings one mirror table to the schema the agent sent and says where it
+/// stands.
+async fn evolve_table(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    table: &TableSchema,
+    row: Option<&TableRow>,
+    physical: &Physical,
+    req: &TableSchemaRequest,
+    cfg: &ReceiverConfig,
+) -> Result<TableState, ReceiverError> {
+    let mirror = tenant.mirror_schema();
+    let Some(row) = row else {
+        // A same-named table without a bookkeeping row is a leftover (of a
+        // crashed receiver or a hand-made copy): its rows have no cursor,
+        // so they cannot be trusted.
+        if physical.live.contains(&table.name) {
+            tx.batch_execute(&ddl::drop_table(&mirror, &table.name)).await.map_err(|e| db(e, table))?;
+        }
+        return create(tx, tenant, &mirror, table, &req.source_identity).await;
+    };
+    let present = if row.reloading { &physical.shadow } else { &physical.live };
+    if !present.contains(&table.name) {
+        if row.reloading {
+            let reason = "the shadow table of an unfinished reload was missing; the reload starts over";
+            reload::begin(tx, tenant, table, &req.source_identity, reason).await?;
+            return Ok(rebuilding(table, reason));
+        }
+        // The partner dropped the mirror table (or its whole schema): start
+        // it over. Rows deleted meanwhile cannot linger in a new table.
+        tracing::warn!(table = %table.name, "mirror table is missing; recreating it for a full load");
+        return create(tx, tenant, &mirror, table, &req.source_identity).await;
+    }
+    let identity = Some(row.source_identity.clone());
+    if row.schema_hash == table.hash() {
+        let (status, message) = match row.reloading {
+            true => (TableStatus::Rebuilding, row.reload_reason.clone()),
+            false => (TableStatus::Unchanged, None),
+        };
+        let mut s = state(table, status, row.cursor.clone(), message);
+        s.source_identity = identity;
+        return Ok(s);
+    }
+    match evolve::plan(&row.schema, table, cfg.keep_dropped_columns) {
+        Evolution::InPlace(steps) => {
+            let target = reload::target_schema(tenant, row);
+            for step in &steps {
+                if let Some(sql) = step.sql(&target, &table.name) {
+                    tx.batch_execute(&sql).await.map_err(|e| db(e, table))?;
+                }
+            }
+            store::set_schema(tx, tenant, table).await?;
+            let described: Vec<String> = steps.iter().map(Step::describe).collect();
+            tracing::info!(table = %table.name, changes = %described.join("; "), "schema altered in place");
+            let status = if row.reloading { TableStatus::Rebuilding } else { TableStatus::Altered };
+            let mut s = state(table, status, row.cursor.clone(), Some(described.join("; ")));
+            s.source_identity = identity;
+            Ok(s)
+        }
+        Evolution::Rebuild(reason) => {
+            tracing::info!(table = %table.name, %reason, "schema change needs a rebuild; loading a shadow table");
+            reload::begin(tx, tenant, table, &req.source_identity, &reason).await?;
+            Ok(rebuilding(table, &reason))
+        }
+    }
+}
+
 async fn create(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &Transaction<'_>,
     tenant: &TenantId,
     mirror: &str,
     table: &TableSchema,
@@ -113,13 +186,17 @@ async fn create(
     Ok(state(table, TableStatus::Created, None, None))
 }
 
+fn rebuilding(table: &TableSchema, reason: &str) -> TableState {
+    state(table, TableStatus::Rebuilding, None, Some(reason.to_owned()))
+}
+
 fn state(
     table: &TableSchema,
     status: TableStatus,
     cursor: Option<crate::protocol::Cursor>,
     message: Option<String>,
 ) -> TableState {
-    TableState { name: table.name.clone(), status, cursor, schema_hash: table.hash(), message }
+    TableState { name: table.name.clone(), status, cursor, schema_hash: table.hash(), message, source_identity: None }
 }
 
 fn db(e: tokio_postgres::Error, table: &TableSchema) -> ReceiverError {

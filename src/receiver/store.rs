@@ -35,6 +35,14 @@ const MIGRATIONS: &[&str] = &[
         report jsonb NOT NULL
     );
     CREATE INDEX completions_tenant ON ctmirror.completions (tenant, completed_at);",
+    // 2: reloads into shadow tables. While `reloading`, `schema`, `cursor`
+    // and `source_identity` describe the shadow table being loaded in
+    // ctmirror_load_<tenant>; the live table keeps serving reads.
+    "ALTER TABLE ctmirror.tables
+        ADD COLUMN reloading boolean NOT NULL DEFAULT false,
+        ADD COLUMN reload_reason text,
+        ADD COLUMN reload_started_at timestamptz,
+        ADD COLUMN last_reload_at timestamptz;",
 ];
 
 /// Brings schema `ctmirror` up to date. Idempotent, and safe when several
@@ -69,12 +77,18 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), Receiver
 #[derive(Debug, Clone)]
 pub struct TableRow {
     pub name: String,
+    /// The schema batches follow (the shadow's while reloading).
     pub schema: TableSchema,
     pub schema_hash: String,
     pub cursor: Option<Cursor>,
+    pub source_identity: String,
+    /// A reload into the shadow table is in progress.
+    pub reloading: bool,
+    pub reload_reason: Option<String>,
 }
 
-const SELECT_ROW: &str = "SELECT table_name, schema::text, schema_hash, cursor::text FROM ctmirror.tables";
+const SELECT_ROW: &str = "SELECT table_name, schema::text, schema_hash, cursor::text, source_identity, reloading, \
+                          reload_reason FROM ctmirror.tables";
 
 fn decode_row(row: &tokio_postgres::Row) -> Result<TableRow, ReceiverError> {
     let name: String = row.get(0);
@@ -86,7 +100,15 @@ fn decode_row(row: &tokio_postgres::Row) -> Result<TableRow, ReceiverError> {
         .map(|t| serde_json::from_str(&t))
         .transpose()
         .map_err(|e| ReceiverError::internal(format!("stored cursor of table {name:?} is unreadable: {e}")))?;
-    Ok(TableRow { schema, schema_hash: row.get(2), cursor, name })
+    Ok(TableRow {
+        schema,
+        schema_hash: row.get(2),
+        cursor,
+        name,
+        source_identity: row.get(4),
+        reloading: row.get(5),
+        reload_reason: row.get(6),
+    })
 }
 
 /// The table's bookkeeping row, locked until the transaction ends so that
@@ -130,23 +152,51 @@ pub async fn upsert_created(
          VALUES ($1, $2, $3::text::jsonb, $4, $5, NULL)
          ON CONFLICT (tenant, table_name) DO UPDATE
          SET schema = EXCLUDED.schema, schema_hash = EXCLUDED.schema_hash,
-             source_identity = EXCLUDED.source_identity, cursor = NULL, updated_at = now()",
+             source_identity = EXCLUDED.source_identity, cursor = NULL, reloading = false,
+             reload_reason = NULL, reload_started_at = NULL, updated_at = now()",
         &[&tenant.as_str(), &schema.name, &to_json(schema)?, &schema.hash(), &source_identity],
     )
     .await?;
     Ok(())
 }
 
-pub async fn set_source_identity(
+/// Records a compatible schema change applied in place; the cursor stands.
+pub async fn set_schema(tx: &Transaction<'_>, tenant: &TenantId, schema: &TableSchema) -> Result<(), ReceiverError> {
+    tx.execute(
+        "UPDATE ctmirror.tables SET schema = $3::text::jsonb, schema_hash = $4, updated_at = now()
+         WHERE tenant = $1 AND table_name = $2",
+        &[&tenant.as_str(), &schema.name, &to_json(schema)?, &schema.hash()],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records the start of a reload: from now on the row describes the empty
+/// shadow table.
+pub async fn start_reload(
     tx: &Transaction<'_>,
     tenant: &TenantId,
-    table: &str,
+    schema: &TableSchema,
     source_identity: &str,
+    reason: &str,
 ) -> Result<(), ReceiverError> {
     tx.execute(
-        "UPDATE ctmirror.tables SET source_identity = $3, updated_at = now()
-         WHERE tenant = $1 AND table_name = $2 AND source_identity IS DISTINCT FROM $3",
-        &[&tenant.as_str(), &table, &source_identity],
+        "UPDATE ctmirror.tables SET schema = $3::text::jsonb, schema_hash = $4, source_identity = $5,
+                cursor = NULL, reloading = true, reload_reason = $6, reload_started_at = now(), updated_at = now()
+         WHERE tenant = $1 AND table_name = $2",
+        &[&tenant.as_str(), &schema.name, &to_json(schema)?, &schema.hash(), &source_identity, &reason],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records that the shadow table replaced the live one.
+pub async fn finish_reload(tx: &Transaction<'_>, tenant: &TenantId, table: &str) -> Result<(), ReceiverError> {
+    tx.execute(
+        "UPDATE ctmirror.tables SET reloading = false, reload_started_at = NULL, last_reload_at = now(),
+                updated_at = now()
+         WHERE tenant = $1 AND table_name = $2",
+        &[&tenant.as_str(), &table],
     )
     .await?;
     Ok(())

@@ -120,8 +120,10 @@ pub struct TableRun {
     pub duration: Duration,
     pub error_kind: Option<String>,
     pub error_message: Option<String>,
-    /// The mirror table was wiped for a reload in this run.
+    /// A full reload of the table started in this run.
     pub reloaded: bool,
+    /// Why (retention expired, source restored, schema change, operator).
+    pub reload_reason: Option<String>,
 }
 
 /// What one run did, written to the history when it ends.

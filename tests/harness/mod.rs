@@ -50,6 +50,7 @@ pub struct Options {
     pub limits: ChunkLimits,
     pub paused: Option<String>,
     pub drop_unmapped_tables: bool,
+    pub keep_dropped_columns: bool,
 }
 
 impl Default for Options {
@@ -58,6 +59,7 @@ impl Default for Options {
             limits: ChunkLimits { max_rows: 1000, max_bytes: 1 << 20 },
             paused: None,
             drop_unmapped_tables: true,
+            keep_dropped_columns: false,
         }
     }
 }
@@ -72,6 +74,7 @@ pub fn receiver_config(mirror_url: &str) -> ReceiverConfig {
         max_clock_skew_secs: 300,
         max_body_bytes: 64 << 20,
         drop_unmapped_tables: true,
+        keep_dropped_columns: false,
         paused_reason: None,
         hooks: HookConfig { analyze: true, notify_channel: Some("ctmirror_test".into()), sql: vec![] },
     }
@@ -115,6 +118,7 @@ impl<D: SourceDriver> Pipeline<D> {
         let mut cfg = receiver_config(&mirror_db.url);
         cfg.paused_reason = opts.paused.clone();
         cfg.drop_unmapped_tables = opts.drop_unmapped_tables;
+        cfg.keep_dropped_columns = opts.keep_dropped_columns;
         let svc = ReceiverService::with_keys(cfg, partner, agent.public()).await.expect("receiver starts");
         let wire: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
         let recorder = wire.clone();
