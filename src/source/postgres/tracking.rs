@@ -4,7 +4,7 @@
 use super::catalog::{display, find_table, no_primary_key, primary_key, KeyColumn, TableRef};
 use super::errors::pg_error;
 use super::install::INSTALL_LOCK;
-use super::sql::{DELETED_COL, VERSION_COL};
+use super::sql::{quote_ident, DELETED_COL, VERSION_COL};
 use super::triggers::{drop_sql, install_sql, side_table_name, TRIGGERS};
 use crate::protocol::Version;
 use crate::source::{SourceError, SourceTable, TrackingState};
@@ -63,6 +63,14 @@ pub(crate) async fn ensure_tracking(
             tx.batch_execute(&statement).await.map_err(err)?;
         }
         tx.execute("DELETE FROM ctmirror_ct.tracked WHERE table_oid = $1", &[&tref.oid])
+            .await
+            .map_err(err)?;
+    }
+    // Our triggers on a table we do not know are leftovers: a restore from
+    // a dump recreates the table (a new oid) with triggers that still feed
+    // the old side table. They are replaced.
+    for (trigger, _) in TRIGGERS {
+        tx.batch_execute(&format!("DROP TRIGGER IF EXISTS {} ON {}", quote_ident(trigger), tref.sql_name()))
             .await
             .map_err(err)?;
     }

@@ -120,7 +120,11 @@ pub(crate) fn drop_sql(oid: u32, table: Option<&TableRef>) -> Vec<String> {
         if let Some(t) = table {
             out.push(format!("DROP TRIGGER IF EXISTS {} ON {}", quote_ident(trigger), t.sql_name()));
         }
-        out.push(format!("DROP FUNCTION IF EXISTS {}()", function_name(oid, event)));
+        // CASCADE: after a restore from a dump, triggers on the recreated
+        // table (a new oid) still call the functions of the old oid. Those
+        // triggers are ours and stale; nothing else can depend on a
+        // capture function.
+        out.push(format!("DROP FUNCTION IF EXISTS {}() CASCADE", function_name(oid, event)));
     }
     out.push(format!("DROP TABLE IF EXISTS {}", qualified(CT_SCHEMA, &side_table_name(oid))));
     out
