@@ -340,7 +340,14 @@ async fn finish_writes_history_table_state_and_schedule() {
         1,
         10,
         Outcome::Succeeded,
-        vec![table("orders", 5, changes(40), None), table("users", 1, changes(40), None)],
+        vec![
+            table("orders", 5, changes(40), None),
+            TableRun {
+                reloaded: true,
+                reload_reason: Some("retention expired".into()),
+                ..table("users", 1, changes(40), None)
+            },
+        ],
     );
     assert!(control.finish(&c.lease, Some(run1), &r1, t(1200), 0).await.unwrap());
 
@@ -378,6 +385,12 @@ async fn finish_writes_history_table_state_and_schedule() {
     assert_eq!(users.cursor, changes(55));
     assert_eq!(users.last_success, Some(t(1210)));
     assert_eq!(users.last_error, None);
+    assert_eq!(
+        (users.last_reload, users.last_reload_reason.as_deref()),
+        (Some(t(10)), Some("retention expired")),
+        "the last reload and its reason outlive later runs that did not reload"
+    );
+    assert_eq!((orders.last_reload, orders.last_reload_reason.as_deref()), (None, None));
 
     let runs = control.runs(&pair, 10).await.unwrap();
     assert_eq!(runs.iter().map(|r| r.id).collect::<Vec<_>>(), [run2, run1], "newest first");

@@ -124,17 +124,20 @@ impl<'a, S: Source> TableSync<'a, S> {
 
     async fn drive_once(&mut self, upper: Version) -> Result<(), AgentError> {
         let table = self.plan.schema.table.to_string();
+        let requested = self.plan.reload.take();
+        let newly_enabled = std::mem::take(&mut self.plan.newly_enabled);
         if self.plan.cursor.is_some() {
-            let forced = self.plan.reload.take().or_else(|| {
-                self.plan
-                    .newly_enabled
-                    .then(|| "change tracking was just enabled; earlier cursors cannot be trusted".to_owned())
+            let why = requested.or_else(|| {
+                newly_enabled.then(|| "change tracking was just enabled; earlier cursors cannot be trusted".to_owned())
             });
-            if let Some(reason) = forced {
+            if let Some(reason) = why {
                 self.start_reload(reason).await?;
             }
+        } else if let Some(reason) = requested {
+            // Nothing held: the full load below is the reload asked for.
+            self.outcome.reloaded = true;
+            self.outcome.reload_reason = Some(reason);
         }
-        self.plan.newly_enabled = false;
         let min_valid = self.source.min_valid_version(&self.plan.schema.table).await?;
         match self.plan.cursor.clone() {
             None => {

@@ -280,25 +280,33 @@ async fn write_table_state(
     let keep: Vec<bool> = t.iter().map(|t| !table_ok(t) && t.to_cursor.is_none() && !t.reloaded).collect();
     let kinds: Vec<Option<&str>> = t.iter().map(|t| t.error_kind.as_deref()).collect();
     let messages: Vec<Option<&str>> = t.iter().map(|t| t.error_message.as_deref()).collect();
+    let reloaded: Vec<bool> = t.iter().map(|t| t.reloaded).collect();
+    let reasons: Vec<Option<&str>> = t.iter().map(|t| t.reload_reason.as_deref()).collect();
     let ended: SystemTime = ts(record.ended);
     tx.execute(
         "INSERT INTO ctmirror_control.table_state AS s
-             (tenant, app, table_name, cursor, mode, last_run_id, last_run, last_success, last_error_kind, last_error)
+             (tenant, app, table_name, cursor, mode, last_run_id, last_run, last_success, last_error_kind, last_error,
+              last_reload, last_reload_reason)
          SELECT DISTINCT ON (t.table_name)
                 $1, $2, t.table_name,
                 CASE WHEN t.keep THEN old.cursor ELSE t.cursor::jsonb END,
                 t.mode, $3, $4,
                 CASE WHEN t.ok THEN $4 ELSE old.last_success END,
-                t.error_kind, t.error_message
-         FROM unnest($5::text[], $6::text[], $7::text[], $8::bool[], $9::bool[], $10::text[], $11::text[])
-              WITH ORDINALITY AS t(table_name, mode, cursor, ok, keep, error_kind, error_message, n)
+                t.error_kind, t.error_message,
+                CASE WHEN t.reloaded THEN $4 ELSE old.last_reload END,
+                CASE WHEN t.reloaded THEN t.reload_reason ELSE old.last_reload_reason END
+         FROM unnest($5::text[], $6::text[], $7::text[], $8::bool[], $9::bool[], $10::text[], $11::text[],
+                     $12::bool[], $13::text[])
+              WITH ORDINALITY AS t(table_name, mode, cursor, ok, keep, error_kind, error_message, reloaded,
+                                   reload_reason, n)
          LEFT JOIN ctmirror_control.table_state old
                 ON old.tenant = $1 AND old.app = $2 AND old.table_name = t.table_name
          ORDER BY t.table_name, t.n DESC
          ON CONFLICT (tenant, app, table_name) DO UPDATE SET
              cursor = EXCLUDED.cursor, mode = EXCLUDED.mode, last_run_id = EXCLUDED.last_run_id,
              last_run = EXCLUDED.last_run, last_success = EXCLUDED.last_success,
-             last_error_kind = EXCLUDED.last_error_kind, last_error = EXCLUDED.last_error",
+             last_error_kind = EXCLUDED.last_error_kind, last_error = EXCLUDED.last_error,
+             last_reload = EXCLUDED.last_reload, last_reload_reason = EXCLUDED.last_reload_reason",
         &[
             &lease.key.tenant.as_str(),
             &lease.key.app.as_str(),
@@ -311,6 +319,8 @@ async fn write_table_state(
             &keep,
             &kinds,
             &messages,
+            &reloaded,
+            &reasons,
         ],
     )
     .await

@@ -150,6 +150,8 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     description: "why a table was reloaded (retention, restore, schema change, operator)",
     sql: r#"
     ALTER TABLE ctmirror_control.table_runs ADD COLUMN reload_reason text;
+    ALTER TABLE ctmirror_control.table_state ADD COLUMN last_reload timestamptz,
+                                             ADD COLUMN last_reload_reason text;
     "#,
 }];
 

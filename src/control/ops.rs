@@ -65,6 +65,9 @@ pub struct TableStatus {
     pub last_success: Option<DateTime<Utc>>,
     pub last_error_kind: Option<String>,
     pub last_error: Option<String>,
+    /// When a full reload of the table last started, and why.
+    pub last_reload: Option<DateTime<Utc>>,
+    pub last_reload_reason: Option<String>,
 }
 
 /// A run in progress, with the live progress its agent last reported.
@@ -208,7 +211,7 @@ impl ControlDb {
         let tables = tx
             .query(
                 "SELECT tenant, app, table_name, cursor::text, mode, last_run_id, last_run,
-                        last_success, last_error_kind, last_error
+                        last_success, last_error_kind, last_error, last_reload, last_reload_reason
                  FROM ctmirror_control.table_state
                  WHERE $1::text IS NULL OR tenant = $1
                  ORDER BY tenant, app, table_name",
@@ -244,6 +247,8 @@ impl ControlDb {
                 last_success: opt_ts(row.get(7)),
                 last_error_kind: row.get(8),
                 last_error: row.get(9),
+                last_reload: opt_ts(row.get(10)),
+                last_reload_reason: row.get(11),
             });
         }
         let mut progress_of: HashMap<i64, (Vec<TableProgress>, Option<DateTime<Utc>>)> = HashMap::new();

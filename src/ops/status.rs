@@ -54,6 +54,10 @@ pub fn render(statuses: &[PairStatus], now: DateTime<Utc>) -> String {
             out.push_str(&line);
             out.push('\n');
         }
+        for line in reloads(pair, now) {
+            out.push_str(&line);
+            out.push('\n');
+        }
         if let Some(run) = &pair.running {
             for line in progress(run, now) {
                 out.push_str(&line);
@@ -200,6 +204,20 @@ fn tables(p: &PairStatus, now: DateTime<Utc>) -> Vec<String> {
     columns(&rows, "    ", 2)
 }
 
+/// When and why each table was last reloaded: a reload costs a full copy,
+/// so an operator wants to see what caused it (retention expired, a
+/// restored source, a schema change, a request).
+fn reloads(p: &PairStatus, now: DateTime<Utc>) -> Vec<String> {
+    p.tables
+        .iter()
+        .filter_map(|t| {
+            let when = t.last_reload?;
+            let why = t.last_reload_reason.as_deref().unwrap_or("no reason recorded");
+            Some(format!("    {} reloaded {}: {}", sanitize(&t.table, 80), ago(Some(when), now), sanitize(why, 200)))
+        })
+        .collect()
+}
+
 fn progress(run: &RunningRun, now: DateTime<Utc>) -> Vec<String> {
     let Some(updated) = run.progress_updated.filter(|_| !run.progress.is_empty()) else {
         return vec!["    live progress: none reported yet".into()];
@@ -272,6 +290,8 @@ pub(super) mod tests {
             last_success: Some(secs_ago(180)),
             last_error_kind: None,
             last_error: None,
+            last_reload: None,
+            last_reload_reason: None,
         }
     }
 
@@ -376,6 +396,16 @@ acme/billing        failing (3 in a row)   last run 3m ago (took 10s)       last
         let contact = out.lines().find(|l| l.trim_start().starts_with("contact")).unwrap();
         assert_eq!(contact.split_whitespace().nth(2), Some("-"), "{contact}");
         assert!(out.lines().next().unwrap().ends_with("source db1:1433"));
+    }
+
+    #[test]
+    fn the_last_reload_of_a_table_says_when_and_why() {
+        let mut p = idle("acme", "crm");
+        p.tables[1].last_reload = Some(secs_ago(7200));
+        p.tables[1].last_reload_reason = Some("retention expired: \x1b[2Jversion 5 < 9".into());
+        let out = render(&[p], now());
+        assert!(out.contains("\n    deal reloaded 2h ago: retention expired: [2Jversion 5 < 9\n"), "{out}");
+        assert_eq!(out.matches("reloaded").count(), 1, "{out}");
     }
 
     #[test]
