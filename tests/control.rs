@@ -490,6 +490,15 @@ async fn resync_requests_pending_done_and_at_once() {
     let pending = control.pending_resyncs(&pair).await.unwrap();
     assert_eq!(pending.iter().map(|r| r.id).collect::<Vec<_>>(), [second]);
 
+    // A whole-pair request a run carried out in part becomes one request
+    // per table still to do, with the original request time; twice is once.
+    control.narrow_resync(second, &["deals".to_owned(), "users".to_owned()], t(40)).await.unwrap();
+    control.narrow_resync(second, &["deals".to_owned()], t(41)).await.unwrap();
+    let pending = control.pending_resyncs(&pair).await.unwrap();
+    let narrowed: Vec<_> = pending.iter().map(|r| (r.table.as_deref(), r.requested_at)).collect();
+    assert_eq!(narrowed, [(Some("deals"), t(20)), (Some("users"), t(20))]);
+    control.resync_done(&pending.iter().map(|r| r.id).collect::<Vec<_>>(), t(42)).await.unwrap();
+
     control.request_resync(&pair, Some("users"), t(50), true).await.unwrap();
     assert_eq!(control.next_due(std::slice::from_ref(&pair), t(0)).await.unwrap(), Some(t(50)), "at once: due now");
     control.request_resync(&pair, None, t(80), true).await.unwrap();

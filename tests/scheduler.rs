@@ -8,9 +8,11 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use ctmirror::agent::service::{CycleRunner, Mode, RunResult, Service, ServiceSettings, ServiceSummary};
-use ctmirror::agent::CycleControl;
+use ctmirror::agent::{CycleControl, Reload};
 use ctmirror::ids::{AppId, TenantId};
-use ctmirror::schedule::{Backoff, Blackout, Cadence, Clock, MemoryStore, Outcome, PairKey, RunRecord, TokioClock};
+use ctmirror::schedule::{
+    Backoff, Blackout, Cadence, Clock, MemoryStore, Outcome, PairKey, RunRecord, TableRun, TokioClock,
+};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -477,4 +479,76 @@ async fn a_panicking_cycle_gives_its_pair_back_and_the_agent_goes_on() {
     assert!(script.calls_of(&fine).len() >= 5);
     assert!(summary.failed >= 1);
     assert!(store.pair(&buggy).unwrap().lease.is_none());
+}
+
+/// Reloads what the scheduler asks, but the first run only gets through
+/// table `a` before table `b` fails.
+struct HalfReload {
+    clock: TokioClock,
+    asked: Mutex<Vec<Reload>>,
+}
+
+impl CycleRunner for HalfReload {
+    async fn run(&self, _pair: &PairKey, control: CycleControl) -> RunResult {
+        let first = {
+            let mut asked = self.asked.lock().unwrap();
+            asked.push(control.reload.clone());
+            asked.len() == 1
+        };
+        let now = self.clock.now();
+        let table = |name: &str, reloaded: bool, failed: bool| TableRun {
+            table: name.into(),
+            mode: if failed { "failed" } else { "full" }.into(),
+            rows: 1,
+            bytes: 1,
+            batches: 1,
+            from_cursor: None,
+            to_cursor: None,
+            duration: Duration::ZERO,
+            error_kind: failed.then(|| "transient".to_owned()),
+            error_message: failed.then(|| "source went away".to_owned()),
+            reloaded,
+            reload_reason: reloaded.then(|| "reload requested by an operator".to_owned()),
+        };
+        let tables = match &control.reload {
+            Reload::All if first => vec![table("a", true, false), table("b", false, true)],
+            Reload::Nothing => vec![table("a", false, false), table("b", false, false)],
+            reload => vec![table("a", reload.covers("a"), false), table("b", reload.covers("b"), false)],
+        };
+        let outcome = if first { Outcome::Failed } else { Outcome::Succeeded };
+        RunResult {
+            record: RunRecord {
+                started: now,
+                ended: now,
+                outcome,
+                error_kind: None,
+                error_message: None,
+                source_version: None,
+                tables,
+            },
+            retry_after: None,
+        }
+    }
+
+    fn maintenance(&self, _pair: &PairKey) -> Option<String> {
+        None
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_whole_pair_resync_cut_short_continues_with_the_tables_it_missed() {
+    let t0 = utc(2026, 6, 1, 8, 0);
+    let clock = TokioClock::starting_at(t0);
+    let runner = Arc::new(HalfReload { clock, asked: Mutex::new(Vec::new()) });
+    let store = Arc::new(MemoryStore::new());
+    let p = pair("acme");
+    store.request_resync(&p, None, t0);
+    let servers = [(p.clone(), "db:5432".to_owned())].into_iter().collect();
+    let service = Service::new(store.clone(), runner.clone(), clock, settings(None), servers);
+    service.run(Mode::Forever, tokio::time::sleep(Duration::from_secs(3 * 3600))).await.unwrap();
+    let asked = runner.asked.lock().unwrap().clone();
+    assert!(asked.len() >= 3, "{asked:?}");
+    assert_eq!(asked[0], Reload::All);
+    assert_eq!(asked[1], Reload::Tables(["b".to_owned()].into_iter().collect()), "table a is not reloaded twice");
+    assert!(asked[2..].iter().all(|r| *r == Reload::Nothing), "{asked:?}");
 }

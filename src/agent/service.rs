@@ -416,6 +416,15 @@ async fn turn<S: PairStore, R: CycleRunner, C: Clock>(
             warn!(error = %e, "cannot mark resync requests done; the reload may repeat");
         }
     }
+    for r in resyncs.iter().filter(|r| r.table.is_none() && !done.contains(&r.id)) {
+        if !record.tables.iter().any(|t| t.reloaded) {
+            continue;
+        }
+        let rest: Vec<String> = record.tables.iter().filter(|t| !t.reloaded).map(|t| t.table.clone()).collect();
+        if let Err(e) = sh.store.narrow_resync(r.id, &rest, ended).await {
+            warn!(error = %e, "cannot narrow the resync request; its reloads may repeat");
+        }
+    }
     finish(sh, &claim.lease, Some(run), &record, next, failures).await;
     record.outcome
 }
@@ -507,7 +516,7 @@ fn reload_of(requests: &[ResyncRequest]) -> Reload {
     Reload::Tables(requests.iter().filter_map(|r| r.table.clone()).collect())
 }
 
-/// A request is done once every table it names was wiped for its reload in
+/// A request is done once every table it names had its reload started in
 /// this run: if the load itself is interrupted later, the receiver's
 /// snapshot cursor makes the next cycle resume it rather than start over.
 fn resync_satisfied(request: &ResyncRequest, record: &RunRecord) -> bool {

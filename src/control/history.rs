@@ -261,8 +261,8 @@ fn table_ok(t: &TableRun) -> bool {
 }
 
 /// Where each table of the run now stands. A failed table whose cursor the
-/// run did not learn keeps its previous cursor, unless it was wiped for a
-/// reload in this run (then its old cursor is certainly wrong).
+/// run did not learn keeps its previous cursor, unless a reload of it
+/// started in this run (then its old cursor is certainly wrong).
 async fn write_table_state(
     tx: &Transaction<'_>,
     lease: &Lease,

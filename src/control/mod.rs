@@ -179,6 +179,10 @@ impl PairStore for ControlDb {
         ops::resync_done(&**self.client().await?, ids, now).await
     }
 
+    async fn narrow_resync(&self, id: i64, tables: &[String], now: DateTime<Utc>) -> StoreResult<()> {
+        ops::narrow_resync(&mut **self.client().await?, id, tables, now).await
+    }
+
     async fn prune(&self, before: DateTime<Utc>) -> StoreResult<u64> {
         history::prune(&**self.client().await?, before).await
     }

@@ -65,7 +65,8 @@ pub struct TableStatus {
     pub last_success: Option<DateTime<Utc>>,
     pub last_error_kind: Option<String>,
     pub last_error: Option<String>,
-    /// When a full reload of the table last started, and why.
+    /// The end of the run that last started a full reload of the table,
+    /// and why it did.
     pub last_reload: Option<DateTime<Utc>>,
     pub last_reload_reason: Option<String>,
 }
@@ -436,4 +437,34 @@ pub(crate) async fn resync_done(client: &Client, ids: &[i64], now: DateTime<Utc>
         .await
         .map_err(pg)?;
     Ok(())
+}
+
+/// See [`PairStore::narrow_resync`](crate::schedule::PairStore::narrow_resync).
+/// A request already done (another process got there first) is left alone.
+pub(crate) async fn narrow_resync(
+    client: &mut Client,
+    id: i64,
+    tables: &[String],
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    let tx = client.transaction().await.map_err(pg)?;
+    let done = tx
+        .execute(
+            "UPDATE ctmirror_control.resync_requests SET done_at = $2 WHERE id = $1 AND done_at IS NULL",
+            &[&id, &ts(now)],
+        )
+        .await
+        .map_err(pg)?;
+    if done == 1 {
+        tx.execute(
+            "INSERT INTO ctmirror_control.resync_requests (tenant, app, table_name, requested_at)
+             SELECT r.tenant, r.app, t, r.requested_at
+               FROM ctmirror_control.resync_requests r, unnest($2::text[]) AS t
+              WHERE r.id = $1",
+            &[&id, &tables],
+        )
+        .await
+        .map_err(pg)?;
+    }
+    tx.commit().await.map_err(pg)
 }

@@ -105,8 +105,9 @@ pub struct TableState {
     pub schema_hash: String,
     #[serde(default)]
     pub message: Option<String>,
-    /// The identity of the source the table's rows came from; `None` for a
-    /// table that holds nothing yet. A different identity than the agent's
+    /// The identity of the source the table's rows came from. `None` when
+    /// the answer carries no cursor to judge: a table just created, or one
+    /// whose rebuild this call started. A different identity than the agent's
     /// source has now means the source was replaced (restored).
     #[serde(default)]
     pub source_identity: Option<String>,

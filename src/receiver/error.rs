@@ -29,7 +29,9 @@ pub enum ErrorKind {
     SchemaMismatch,
     /// The batch's `from` cursor is not what the receiver holds.
     Conflict,
-    /// PostgreSQL refused the data itself (SQLSTATE classes 21, 22, 23).
+    /// PostgreSQL refused the data itself (SQLSTATE classes 21, 22, 23), or
+    /// a reload cannot swap in because partner objects depend on the live
+    /// table: the partner must act, resending cannot help.
     Unprocessable,
     /// The mirror table no longer matches its bookkeeping (the partner
     /// dropped it, dropped or retyped a column, dropped its key): a reload

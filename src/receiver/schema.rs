@@ -44,6 +44,10 @@ pub async fn apply(
     let mirror = tenant.mirror_schema();
     let mut tx = client.transaction().await?;
     store::lock_tenant(&tx, tenant).await?;
+    // An ALTER waits for partner queries on its table; rather than hold the
+    // tenant's schema call (and queue the partner's readers behind it)
+    // indefinitely, that table is refused for this cycle and retried.
+    tx.batch_execute("SET LOCAL lock_timeout = '10s'").await?;
     tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&mirror))).await?;
     let known: HashMap<String, TableRow> =
         store::lock_all(&tx, tenant).await?.into_iter().map(|r| (r.name.clone(), r)).collect();

@@ -261,6 +261,20 @@ impl PairStore for MemoryStore {
         Ok(())
     }
 
+    async fn narrow_resync(&self, id: i64, tables: &[String], now: DateTime<Utc>) -> StoreResult<()> {
+        let mut s = self.state.lock().unwrap();
+        let Some(i) = s.resyncs.iter().position(|(_, r, done)| r.id == id && done.is_none()) else {
+            return Ok(());
+        };
+        s.resyncs[i].2 = Some(now);
+        let (key, requested_at) = (s.resyncs[i].0.clone(), s.resyncs[i].1.requested_at);
+        for t in tables {
+            let id = s.resyncs.len() as i64 + 1;
+            s.resyncs.push((key.clone(), ResyncRequest { id, table: Some(t.clone()), requested_at }, None));
+        }
+        Ok(())
+    }
+
     async fn prune(&self, before: DateTime<Utc>) -> StoreResult<u64> {
         let mut s = self.state.lock().unwrap();
         let n = s.runs.len();

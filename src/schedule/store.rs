@@ -258,6 +258,17 @@ pub trait PairStore: Send + Sync + 'static {
 
     fn resync_done(&self, ids: &[i64], now: DateTime<Utc>) -> impl Future<Output = StoreResult<()>> + Send;
 
+    /// Replaces a whole-pair request, part of which a run carried out, by
+    /// one request per table still to reload (same request time), in one
+    /// step. Without it an interrupted whole-pair resync would restart
+    /// every table, the finished ones too, at every cycle.
+    fn narrow_resync(
+        &self,
+        id: i64,
+        tables: &[String],
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+
     /// Deletes history of runs that started before `before`; returns how
     /// many runs went.
     fn prune(&self, before: DateTime<Utc>) -> impl Future<Output = StoreResult<u64>> + Send;
@@ -326,6 +337,14 @@ impl<S: PairStore> PairStore for std::sync::Arc<S> {
     }
     fn resync_done(&self, ids: &[i64], now: DateTime<Utc>) -> impl Future<Output = StoreResult<()>> + Send {
         (**self).resync_done(ids, now)
+    }
+    fn narrow_resync(
+        &self,
+        id: i64,
+        tables: &[String],
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = StoreResult<()>> + Send {
+        (**self).narrow_resync(id, tables, now)
     }
     fn prune(&self, before: DateTime<Utc>) -> impl Future<Output = StoreResult<u64>> + Send {
         (**self).prune(before)
