@@ -882,6 +882,31 @@ async fn table_of_only_key_columns_upserts_idempotently() {
     assert_eq!(rig.dump("links").await.len(), 1);
 }
 
+#[tokio::test]
+async fn full_load_batches_go_in_by_copy_and_a_repeated_key_still_applies() {
+    let rig = Rig::start("copy_load").await;
+    rig.schema(&[items()]).await;
+    let snap = |k: i64| Cursor::Snapshot { version: Version(5), after_key: Some(Key(vec![Value::Int(k)])) };
+    let odd = "t\tn\nb\\s\r\\N";
+    let b = batch(&items(), None, snap(2), json!([upsert(5, json!([1, odd, 1, "1.5"])), upsert(5, json!([2, null, 2, null]))]));
+    let a = rig.call("rows", &b).await;
+    assert_eq!((a.status, &a.body["counts"]), (200, &json!({"inserted": 2, "updated": 0, "deleted": 0})), "{}", a.body);
+    let name: String = rig.client().await.query_one("SELECT name FROM mirror_acme.items WHERE id = 1", &[]).await.unwrap().get(0);
+    assert_eq!(name, odd, "COPY escaping keeps every character");
+    // A batch repeating a key the table holds (a scan that went back) is
+    // applied as upserts instead of failing.
+    let b = batch(&items(), Some(snap(2)), snap(3), json!([upsert(5, json!([2, "two", 2, null])), upsert(5, json!([3, null, 3, null]))]));
+    let a = rig.call("rows", &b).await;
+    assert_eq!((a.status, &a.body["counts"]), (200, &json!({"inserted": 1, "updated": 1, "deleted": 0})), "{}", a.body);
+    // A value too large for its column is refused by COPY as by an insert,
+    // and its row named.
+    let b = batch(&items(), Some(snap(3)), snap(4), json!([upsert(5, json!([4, null, 4, "1234.5"]))]));
+    let a = rig.call("rows", &b).await;
+    assert_eq!((a.status, a.kind()), (422, "unprocessable"), "{}", a.body);
+    assert!(a.body["error"]["message"].as_str().unwrap().contains("key [4]"), "{}", a.body);
+    assert_eq!(rig.dump("items").await.len(), 3);
+}
+
 // ---------------------------------------------------------------- reload
 
 #[tokio::test]

@@ -8,6 +8,7 @@
 //! message naming the row, and PostgreSQL's own refusals (precision, CHECK
 //! constraints the partner added) roll the whole batch back.
 
+use super::copy;
 use super::ddl;
 use super::error::{ErrorKind, ReceiverError};
 use super::sql::{ident_list, qualified, quote_ident};
@@ -203,8 +204,26 @@ async fn write(
     mirror: &str,
     schema: &TableSchema,
     prepared: &Prepared,
+    snapshot: bool,
 ) -> Result<ChangeCounts, tokio_postgres::Error> {
     let mut counts = ChangeCounts::default();
+    if snapshot && prepared.delete_count() == 0 && prepared.upsert_count() > 0 {
+        // A key the table already holds would mean the scan repeated
+        // itself; then the upsert below settles it rather than failing.
+        tx.batch_execute("SAVEPOINT ctmirror_copy").await?;
+        match copy::copy_in(tx, mirror, schema, &prepared.upserts).await {
+            Ok(n) => {
+                tx.batch_execute("RELEASE SAVEPOINT ctmirror_copy").await?;
+                counts.inserted = n;
+                return Ok(counts);
+            }
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                tracing::warn!("a full-load batch repeats keys the table holds; applying it as upserts");
+                tx.batch_execute("ROLLBACK TO SAVEPOINT ctmirror_copy").await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
     if prepared.delete_count() > 0 {
         counts.deleted = tx.execute(&delete_sql(mirror, schema), &params(&prepared.deletes)).await?;
     }
@@ -263,7 +282,7 @@ pub async fn apply(
         .map_err(|e| ReceiverError::bad_request(format!("table {table:?}: {e}")).with_table(table))?;
     let prepared = prepare(&row.schema, batch)?;
     let target = reload::target_schema(tenant, &row);
-    let counts = match write(&tx, &target, &row.schema, &prepared).await {
+    let counts = match write(&tx, &target, &row.schema, &prepared, batch.to.is_snapshot()).await {
         Ok(counts) => counts,
         Err(e) => {
             let e = write_error(e, table);

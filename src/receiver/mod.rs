@@ -9,6 +9,7 @@
 //! See `docs/receiver.md`.
 
 mod apply;
+mod copy;
 mod ddl;
 mod error;
 mod evolve;
