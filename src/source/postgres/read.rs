@@ -142,11 +142,18 @@ fn changes_sql(
     } else {
         (format!("{version} > $1::bigint"), 2)
     };
+    // The LIMIT sits on the side table alone, so the chunk is one range
+    // scan of its (version, key) index and the live table is probed by
+    // key for those rows only. With the LIMIT over the join, the planner
+    // may join every pending change first and sort: each chunk of a large
+    // transaction then costs as much as the whole transaction.
     format!(
         "SELECT {version}, s.{deleted}, {present}, {side_key_texts}, {values} \
-           FROM {side} AS s LEFT JOIN {table} AS t ON {join} \
-          WHERE {lower} AND {version} <= ${next}::bigint \
-          ORDER BY {version}, {side_keys} LIMIT ${}::bigint",
+           FROM (SELECT * FROM {side} AS s \
+                  WHERE {lower} AND {version} <= ${next}::bigint \
+                  ORDER BY {version}, {side_keys} LIMIT ${}::bigint) AS s \
+           LEFT JOIN {table} AS t ON {join} \
+          ORDER BY {version}, {side_keys}",
         next + 1,
         deleted = quote_ident(DELETED_COL),
     )
