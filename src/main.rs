@@ -9,6 +9,19 @@ use ctmirror::ids::{AppId, TenantId};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// `println!` that takes a closed stdout (`ctmirror sync | head`) as the
+/// reader having seen enough: exit quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 #[derive(Parser)]
 #[command(name = "ctmirror", version, about = "Table-level change-tracking mirror")]
 struct Cli {
@@ -144,7 +157,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             }
             let key = Keypair::generate();
             let (private, public) = key.write_files(&out).map_err(|e| e.to_string())?;
-            println!("private key: {private}\npublic key:  {public}\n{}", key.public_base64());
+            out!("private key: {private}\npublic key:  {public}\n{}", key.public_base64());
             Ok(ExitCode::SUCCESS)
         }
         Command::Receiver { config } => {
@@ -158,7 +171,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             let cfg = file.agent(&config.display().to_string()).map_err(|e| e.to_string())?;
             let report = agent::sync_once(cfg, &tenant, &app).await.map_err(|e| e.to_string())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report_json(&report)).expect("json"));
+                out!("{}", serde_json::to_string_pretty(&report_json(&report)).expect("json"));
             } else {
                 print_report(&report);
             }
@@ -175,7 +188,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                     .request_resync(&t.pair, t.table.as_deref(), chrono::Utc::now(), now)
                     .await
                     .map_err(|e| e.to_string())?;
-                println!(
+                out!(
                     "resync {id}: {} {} reloads {}",
                     t.pair,
                     t.table.as_deref().map(|x| format!("table {x}")).unwrap_or_else(|| "every table".into()),
@@ -210,7 +223,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                 .set_maintenance(&tenant, on, reason.as_deref(), chrono::Utc::now())
                 .await
                 .map_err(|e| e.to_string())?;
-            println!("tenant {tenant}: maintenance {state}");
+            out!("tenant {tenant}: maintenance {state}");
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -238,7 +251,7 @@ async fn run_agent(config: PathBuf, once: bool) -> Result<ExitCode, String> {
     let mode = if once { Mode::Once } else { Mode::Forever };
     let summary = service.run(mode, shutdown_signal()).await.map_err(|e| e.to_string())?;
     if once {
-        println!("{} cycles, {} failed", summary.cycles, summary.failed);
+        out!("{} cycles, {} failed", summary.cycles, summary.failed);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -263,9 +276,9 @@ async fn verify(PairArgs { config, tenant, app }: PairArgs, mirror_url: String) 
         }
     }
     .map_err(|e| e.to_string())?;
-    println!("{:<24} {:>12} {:>12}  {:<32} equal", "table", "source rows", "mirror rows", "checksum");
+    out!("{:<24} {:>12} {:>12}  {:<32} equal", "table", "source rows", "mirror rows", "checksum");
     for t in &tables {
-        println!(
+        out!(
             "{:<24} {:>12} {:>12}  {:<32} {}",
             t.table,
             t.source_rows,
@@ -290,10 +303,10 @@ async fn shutdown_signal() {
 
 fn print_report(r: &CycleReport) {
     if let Some(reason) = &r.paused {
-        println!("tenant {} / {}: receiver asked not to replicate ({reason})", r.tenant, r.application);
+        out!("tenant {} / {}: receiver asked not to replicate ({reason})", r.tenant, r.application);
         return;
     }
-    println!(
+    out!(
         "tenant {} / {}: {} tables, {} rows sent in {:.2}s",
         r.tenant,
         r.application,
@@ -301,7 +314,7 @@ fn print_report(r: &CycleReport) {
         r.rows_sent(),
         r.duration.as_secs_f64()
     );
-    println!(
+    out!(
         "{:<24} {:<12} {:>10} {:>10} {:>10} {:>10}  {:<24} result",
         "table", "mode", "rows sent", "inserted", "updated", "deleted", "cursor"
     );
@@ -310,7 +323,7 @@ fn print_report(r: &CycleReport) {
             None => "ok".to_string(),
             Some(e) => format!("FAILED ({:?}): {}", e.kind, e.message),
         };
-        println!(
+        out!(
             "{:<24} {:<12} {:>10} {:>10} {:>10} {:>10}  {:<24} {}",
             t.table,
             format!("{:?}", t.mode).to_lowercase(),
@@ -323,10 +336,10 @@ fn print_report(r: &CycleReport) {
         );
     }
     for d in &r.dropped {
-        println!("{d:<24} dropped by the receiver (no longer mapped)");
+        out!("{d:<24} dropped by the receiver (no longer mapped)");
     }
     if let Some(e) = &r.completion_error {
-        println!("ReplicationCompleted failed: {e}");
+        out!("ReplicationCompleted failed: {e}");
     }
 }
 

@@ -235,3 +235,23 @@ fn sql_server_tenants_with_bad_connection_strings_fail_clearly_without_the_passw
         assert!(!text(&o).contains("Hunter2Secret"), "password leaked: {}", text(&o));
     }
 }
+
+#[test]
+fn a_reader_that_stops_early_does_not_make_it_panic() {
+    // `ctmirror keygen | head -c0`: the reader is gone before the key
+    // paths are printed.
+    let dir = std::env::temp_dir().join(format!("ctmirror-pipe-{}", std::process::id()));
+    let mut child = bin()
+        .args(["keygen", "--out"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !stderr.contains("panicked"), "{:?}: {stderr}", out.status);
+    let _ = std::fs::remove_file(dir.with_extension("key"));
+    let _ = std::fs::remove_file(dir.with_extension("pub"));
+}
