@@ -435,6 +435,7 @@ mod tests {
             (&recv.replace("127.0.0.1:1", "localhost"), "host:port"),
             (&format!("{recv}max_clock_skew_secs=0\n"), "max_clock_skew_secs"),
             (&format!("{recv}bogus=1\n"), "unknown field"),
+            (&format!("{recv}keep_dropped_columns=\"yes\"\n"), "invalid type"),
             ("[agent]\nprivate_key=\"k\"\nbatch_rows=0\n", "batch_rows"),
             ("[agent]\nprivate_key=\"k\"\n[[agent.application]]\nid=\"a\"\nreceiver_url=\"ftp://x\"\npartner_public_key=\"p\"\nschema_map=\"m\"\ntenants=[]\n", "http"),
             ("[agent]\nprivate_key=\"k\"\n[[agent.application]]\nid=\"a\"\nreceiver_url=\"http://x\"\npartner_public_key=\"p\"\nschema_map=\"m\"\ntenants=[\"ghost\"]\n", "not configured"),

@@ -255,3 +255,20 @@ fn a_reader_that_stops_early_does_not_make_it_panic() {
     let _ = std::fs::remove_file(dir.with_extension("key"));
     let _ = std::fs::remove_file(dir.with_extension("pub"));
 }
+
+#[test]
+fn bench_flags_are_checked_before_anything_starts() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench");
+    for (args, expected) in [
+        (vec!["--rows", "0"], "positive whole number"),
+        (vec!["--repeat", "x"], "positive whole number"),
+        (vec!["--only", "full,nonsense"], "unknown section nonsense"),
+        (vec!["--only", "full,,idle"], "a list such as"),
+        (vec!["--frob"], "unknown option --frob"),
+    ] {
+        let out = Command::new("bash").arg(script).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected) && out.stdout.is_empty(), "{args:?}: {stderr}");
+    }
+}

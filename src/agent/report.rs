@@ -52,6 +52,11 @@ impl TableOutcome {
         o
     }
 
+    pub fn reloaded_because(&mut self, reason: String) {
+        self.reloaded = true;
+        self.reload_reason = Some(reason);
+    }
+
     pub fn to_report(&self) -> TableReport {
         TableReport {
             name: self.table.clone(),

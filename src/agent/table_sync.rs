@@ -135,8 +135,7 @@ impl<'a, S: Source> TableSync<'a, S> {
             }
         } else if let Some(reason) = requested {
             // Nothing held: the full load below is the reload asked for.
-            self.outcome.reloaded = true;
-            self.outcome.reload_reason = Some(reason);
+            self.outcome.reloaded_because(reason);
         }
         let min_valid = self.source.min_valid_version(&self.plan.schema.table).await?;
         match self.plan.cursor.clone() {
@@ -146,8 +145,7 @@ impl<'a, S: Source> TableSync<'a, S> {
                 if self.plan.status == TableStatus::Rebuilding && !self.outcome.reloaded {
                     let reason = self.plan.message.clone().unwrap_or_else(|| "receiver is rebuilding the table".into());
                     info!(%reason, "receiver started a rebuild");
-                    self.outcome.reloaded = true;
-                    self.outcome.reload_reason = Some(format!("receiver: {reason}"));
+                    self.outcome.reloaded_because(format!("receiver: {reason}"));
                 }
                 self.full_load(None).await
             }
@@ -190,8 +188,7 @@ impl<'a, S: Source> TableSync<'a, S> {
         self.client.reload(&self.plan.mirror.name, &reason, self.plan.identity).await?;
         self.plan.cursor = None;
         self.restarted = true;
-        self.outcome.reloaded = true;
-        self.outcome.reload_reason = Some(reason);
+        self.outcome.reloaded_because(reason);
         Ok(())
     }
 

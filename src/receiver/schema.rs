@@ -75,6 +75,7 @@ pub async fn apply(
                 let row = known.get(&table.name);
                 let mut s = state(table, TableStatus::Refused, row.and_then(|r| r.cursor.clone()), Some(e.message));
                 if let Some(row) = row {
+                    // Report the hash batches must still name.
                     s.schema_hash = row.schema_hash.clone();
                     s.source_identity = Some(row.source_identity.clone());
                 }
@@ -144,15 +145,16 @@ async fn evolve_table(
         tracing::warn!(table = %table.name, "mirror table is missing; recreating it for a full load");
         return create(tx, tenant, &mirror, table, &req.source_identity).await;
     }
-    let identity = Some(row.source_identity.clone());
+    // A table that stays as it is answers the identity its rows came from.
+    let held = |status, message| TableState {
+        source_identity: Some(row.source_identity.clone()),
+        ..state(table, status, row.cursor.clone(), message)
+    };
     if row.schema_hash == table.hash() {
-        let (status, message) = match row.reloading {
-            true => (TableStatus::Rebuilding, row.reload_reason.clone()),
-            false => (TableStatus::Unchanged, None),
-        };
-        let mut s = state(table, status, row.cursor.clone(), message);
-        s.source_identity = identity;
-        return Ok(s);
+        return Ok(match row.reloading {
+            true => held(TableStatus::Rebuilding, row.reload_reason.clone()),
+            false => held(TableStatus::Unchanged, None),
+        });
     }
     match evolve::plan(&row.schema, table, cfg.keep_dropped_columns) {
         Evolution::InPlace(steps) => {
@@ -166,9 +168,7 @@ async fn evolve_table(
             let described: Vec<String> = steps.iter().map(Step::describe).collect();
             tracing::info!(table = %table.name, changes = %described.join("; "), "schema altered in place");
             let status = if row.reloading { TableStatus::Rebuilding } else { TableStatus::Altered };
-            let mut s = state(table, status, row.cursor.clone(), Some(described.join("; ")));
-            s.source_identity = identity;
-            Ok(s)
+            Ok(held(status, Some(described.join("; "))))
         }
         Evolution::Rebuild(reason) => {
             tracing::info!(table = %table.name, %reason, "schema change needs a rebuild; loading a shadow table");
