@@ -6,6 +6,7 @@
 //! JSON `POST` under a versioned path and carries a signed token in the
 //! `Authorization` header (see [`crate::auth`]).
 
+pub mod copy;
 pub mod cursor;
 pub mod schema;
 pub mod value;

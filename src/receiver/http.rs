@@ -10,6 +10,7 @@ use super::error::{ErrorKind, ReceiverError};
 use super::{apply, hooks, reload, schema, ReceiverService};
 use crate::auth::{self, RequestFacts};
 use crate::ids::TenantId;
+use crate::protocol::copy::{self, CopyBatch};
 use crate::protocol::{self, AuthenticateRequest, AuthenticateResponse};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
@@ -111,7 +112,7 @@ async fn checked(s: &ReceiverService, op: Op, path: TenantPath, req: Request) ->
     tracing::Span::current().record("tenant", tenant.as_str());
 
     let (parts, body) = req.into_parts();
-    check_content_type(&parts.headers)?;
+    let encoding = check_content_type(op, &parts.headers)?;
     let body = read_body(&parts.headers, body, s.inner().cfg.max_body_bytes).await?;
     let header = parts.headers.get(AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
     let facts = RequestFacts { tenant: &tenant, method: parts.method.as_str(), path: parts.uri.path(), body: &body };
@@ -139,11 +140,18 @@ async fn checked(s: &ReceiverService, op: Op, path: TenantPath, req: Request) ->
             let answer = schema::apply(&mut client, &tenant, &req, &inner.cfg).await?;
             Ok(Json(answer).into_response())
         }
+        Op::Rows if encoding == Encoding::Copy => {
+            let batch = CopyBatch::decode(body).map_err(ReceiverError::bad_request)?;
+            tracing::Span::current().record("table", batch.header.table.as_str());
+            let mut client = inner.pool.get().await?;
+            let answer = apply::apply(&mut client, &tenant, &apply::Batch::copy(&batch)).await?;
+            Ok(Json(answer).into_response())
+        }
         Op::Rows => {
             let req: protocol::RowBatch = parse(&body)?;
             tracing::Span::current().record("table", req.table.as_str());
             let mut client = inner.pool.get().await?;
-            let answer = apply::apply(&mut client, &tenant, &req).await?;
+            let answer = apply::apply(&mut client, &tenant, &apply::Batch::json(&req)).await?;
             Ok(Json(answer).into_response())
         }
         Op::Reload => {
@@ -161,18 +169,33 @@ async fn checked(s: &ReceiverService, op: Op, path: TenantPath, req: Request) ->
     }
 }
 
-/// `application/json`, parameters (a charset) allowed.
-fn check_content_type(headers: &HeaderMap) -> Result<(), ReceiverError> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Json,
+    /// A [`CopyBatch`]; RowData only.
+    Copy,
+}
+
+/// `application/json` (parameters such as a charset allowed), or on
+/// RowData also a COPY batch.
+fn check_content_type(op: Op, headers: &HeaderMap) -> Result<Encoding, ReceiverError> {
     let value = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let essence = value.split(';').next().unwrap_or("").trim();
     if essence.eq_ignore_ascii_case("application/json") {
-        Ok(())
-    } else {
-        Err(ReceiverError::new(
-            ErrorKind::UnsupportedMediaType,
-            format!("content type must be application/json, not {:?}", value.chars().take(80).collect::<String>()),
-        ))
+        return Ok(Encoding::Json);
     }
+    if matches!(op, Op::Rows) && essence.eq_ignore_ascii_case(copy::CONTENT_TYPE) {
+        return Ok(Encoding::Copy);
+    }
+    let allowed = if matches!(op, Op::Rows) {
+        format!("application/json or {}", copy::CONTENT_TYPE)
+    } else {
+        "application/json".to_owned()
+    };
+    Err(ReceiverError::new(
+        ErrorKind::UnsupportedMediaType,
+        format!("content type must be {allowed}, not {:?}", value.chars().take(80).collect::<String>()),
+    ))
 }
 
 /// Reads the body, stopping as soon as it passes `limit` bytes: a declared
