@@ -15,6 +15,7 @@
 use super::error::{AgentError, AgentErrorKind};
 use super::limits::PartnerLimits;
 use crate::auth::{self, Claims, PublicKey, RequestSigner};
+use crate::protocol::copy::{self, CopyBatch};
 use crate::protocol::{self, *};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -123,12 +124,22 @@ impl PartnerClient {
         self.call(&protocol::completed_path(&self.signer.tenant), req).await
     }
 
-    /// Sends one batch; returns the outcome and the request body's size.
+    /// Sends one JSON batch; returns the outcome and the request body's size.
     pub async fn send_batch(&self, batch: &RowBatch) -> Result<(BatchOutcome, usize), AgentError> {
-        let path = protocol::rows_path(&self.signer.tenant);
         let body = serde_json::to_vec(batch).expect("batch serializes");
+        self.send_rows(body, "application/json").await
+    }
+
+    /// Sends one COPY batch (what the agent's cycles send); returns the
+    /// outcome and the request body's size.
+    pub async fn send_copy_batch(&self, batch: &CopyBatch) -> Result<(BatchOutcome, usize), AgentError> {
+        self.send_rows(batch.encode(), copy::CONTENT_TYPE).await
+    }
+
+    async fn send_rows(&self, body: Vec<u8>, content_type: &'static str) -> Result<(BatchOutcome, usize), AgentError> {
+        let path = protocol::rows_path(&self.signer.tenant);
         let size = body.len();
-        let (_, reply) = self.post_retrying(&path, body).await?;
+        let (_, reply) = self.post_retrying_as(&path, body, content_type).await?;
         if reply.status == 409 {
             if let Ok(err) = serde_json::from_slice::<ErrorBody>(&reply.bytes) {
                 if err.error.kind == "conflict" {
@@ -148,13 +159,24 @@ impl PartnerClient {
     /// Posts with retries; returns the claims of the attempt that answered
     /// (the Authenticate answer is checked against them) and its answer.
     async fn post_retrying(&self, path: &str, body: Vec<u8>) -> Result<(Claims, Answer), AgentError> {
+        self.post_retrying_as(path, body, "application/json").await
+    }
+
+    async fn post_retrying_as(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        content_type: &'static str,
+    ) -> Result<(Claims, Answer), AgentError> {
+        let body = bytes::Bytes::from(body);
         let mut attempt = 0;
         loop {
             attempt += 1;
             self.limits.before_request(body.len()).await;
             // A fresh token per attempt: each one has its own nonce and time.
             let (claims, header) = self.signer.authorize("POST", path, &body);
-            let result = self.post_once(path, body.clone(), header).await;
+            // `Bytes` clones share the buffer: a retry does not copy the batch.
+            let result = self.post_once(path, body.clone(), header, content_type).await;
             let delay = match &result {
                 Err(e) if e.is_retryable() => Some(backoff(attempt)),
                 Err(_) => None,
@@ -175,13 +197,19 @@ impl PartnerClient {
         }
     }
 
-    async fn post_once(&self, path: &str, body: Vec<u8>, header: String) -> Result<Answer, AgentError> {
+    async fn post_once(
+        &self,
+        path: &str,
+        body: bytes::Bytes,
+        header: String,
+        content_type: &'static str,
+    ) -> Result<Answer, AgentError> {
         let url = format!("{}{}", self.base_url, path);
         let resp = self
             .http
             .post(&url)
             .header(reqwest::header::AUTHORIZATION, header)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::CONTENT_TYPE, content_type)
             .body(body)
             .send()
             .await

@@ -10,8 +10,9 @@ use super::cycle::CycleControl;
 use super::limits::RateLimit;
 use super::error::{AgentError, AgentErrorKind};
 use super::report::TableOutcome;
-use crate::protocol::{Cursor, RowBatch, RowChange, SyncMode, TableSchema, TableStatus, Version};
-use crate::source::{ChangePosition, ChunkLimits, RowOp, Source, SourceSchema};
+use crate::protocol::copy::{CopyBatch, CopyBatchHeader};
+use crate::protocol::{Cursor, Key, SyncMode, TableSchema, TableStatus, Version};
+use crate::source::{ChangePosition, ChunkLimits, CopyChunk, Source, SourceSchema};
 use std::time::Instant;
 use tracing::{info, info_span, Instrument};
 
@@ -41,15 +42,22 @@ pub struct TablePlan<'a> {
 
 pub struct TableSync<'a, S: Source> {
     source: &'a mut S,
-    client: &'a PartnerClient,
-    plan: TablePlan<'a>,
     limits: ChunkLimits,
-    control: &'a CycleControl,
-    outcome: TableOutcome,
-    conflicts: u32,
     /// A reload was started in this turn; a second need for one fails the
     /// table instead of looping.
     restarted: bool,
+    /// The receiver's side, kept apart from `source` so that a batch can
+    /// be sent while the next chunk is read.
+    link: Link<'a>,
+}
+
+/// Everything a batch's round trip touches.
+struct Link<'a> {
+    client: &'a PartnerClient,
+    plan: TablePlan<'a>,
+    control: &'a CycleControl,
+    outcome: TableOutcome,
+    conflicts: u32,
 }
 
 impl<'a, S: Source> TableSync<'a, S> {
@@ -62,53 +70,53 @@ impl<'a, S: Source> TableSync<'a, S> {
     ) -> Self {
         let mut outcome = TableOutcome::new(&plan.mirror.name);
         outcome.start_cursor = plan.cursor.clone();
-        Self { source, client, plan, limits, control, outcome, conflicts: 0, restarted: false }
+        Self { source, limits, restarted: false, link: Link { client, plan, control, outcome, conflicts: 0 } }
     }
 
     /// Runs the table to the cycle's `upper` version. Never fails: errors end
     /// up in the outcome so the other tables go on.
     pub async fn run(mut self, upper: Version) -> TableOutcome {
         let started = Instant::now();
-        let span = info_span!("table", table = %self.plan.mirror.name);
+        let span = info_span!("table", table = %self.link.plan.mirror.name);
         let result = async { self.drive(upper).await }.instrument(span.clone()).await;
-        self.outcome.duration = started.elapsed();
-        self.outcome.cursor = self.plan.cursor.clone();
+        self.link.outcome.duration = started.elapsed();
+        self.link.outcome.cursor = self.link.plan.cursor.clone();
         let _enter = span.enter();
         match result {
             Ok(()) => info!(
-                mode = ?self.outcome.mode,
-                rows = self.outcome.rows_sent,
-                batches = self.outcome.batches,
-                inserted = self.outcome.counts.inserted,
-                updated = self.outcome.counts.updated,
-                deleted = self.outcome.counts.deleted,
-                cursor = %self.plan.cursor.as_ref().map(|c| c.to_string()).unwrap_or_default(),
-                ms = self.outcome.duration.as_millis() as u64,
+                mode = ?self.link.outcome.mode,
+                rows = self.link.outcome.rows_sent,
+                batches = self.link.outcome.batches,
+                inserted = self.link.outcome.counts.inserted,
+                updated = self.link.outcome.counts.updated,
+                deleted = self.link.outcome.counts.deleted,
+                cursor = %self.link.plan.cursor.as_ref().map(|c| c.to_string()).unwrap_or_default(),
+                ms = self.link.outcome.duration.as_millis() as u64,
                 "table done"
             ),
             Err(e) if e.kind == AgentErrorKind::Interrupted => {
-                info!(reason = %e, rows = self.outcome.rows_sent, "table stopped at a batch boundary");
-                self.outcome.mode = SyncMode::Failed;
-                self.outcome.error = Some(e);
+                info!(reason = %e, rows = self.link.outcome.rows_sent, "table stopped at a batch boundary");
+                self.link.outcome.mode = SyncMode::Failed;
+                self.link.outcome.error = Some(e);
             }
             Err(e) => {
                 tracing::error!(error = %e, kind = ?e.kind, "table failed");
-                self.outcome.mode = SyncMode::Failed;
-                self.outcome.error = Some(e);
+                self.link.outcome.mode = SyncMode::Failed;
+                self.link.outcome.error = Some(e);
             }
         }
-        self.outcome
+        self.link.outcome
     }
 
     async fn drive(&mut self, upper: Version) -> Result<(), AgentError> {
-        if self.plan.status == TableStatus::Refused {
+        if self.link.plan.status == TableStatus::Refused {
             return Err(AgentError::new(AgentErrorKind::Refused, "receiver refused the table's schema"));
         }
         loop {
-            let before = self.conflicts;
+            let before = self.link.conflicts;
             let result = self.drive_once(upper).await;
             match result {
-                Err(e) if self.conflicts > before && self.conflicts < MAX_CONFLICTS => {
+                Err(e) if self.link.conflicts > before && self.link.conflicts < MAX_CONFLICTS => {
                     tracing::warn!(error = %e, "receiver holds another cursor; continuing from it");
                 }
                 // The receiver's table drifted from its bookkeeping, or the
@@ -123,10 +131,10 @@ impl<'a, S: Source> TableSync<'a, S> {
     }
 
     async fn drive_once(&mut self, upper: Version) -> Result<(), AgentError> {
-        let table = self.plan.schema.table.to_string();
-        let requested = self.plan.reload.take();
-        let newly_enabled = std::mem::take(&mut self.plan.newly_enabled);
-        if self.plan.cursor.is_some() {
+        let table = self.link.plan.schema.table.to_string();
+        let requested = self.link.plan.reload.take();
+        let newly_enabled = std::mem::take(&mut self.link.plan.newly_enabled);
+        if self.link.plan.cursor.is_some() {
             let why = requested.or_else(|| {
                 newly_enabled.then(|| "change tracking was just enabled; earlier cursors cannot be trusted".to_owned())
             });
@@ -135,17 +143,17 @@ impl<'a, S: Source> TableSync<'a, S> {
             }
         } else if let Some(reason) = requested {
             // Nothing held: the full load below is the reload asked for.
-            self.outcome.reloaded_because(reason);
+            self.link.outcome.reloaded_because(reason);
         }
-        let min_valid = self.source.min_valid_version(&self.plan.schema.table).await?;
-        match self.plan.cursor.clone() {
+        let min_valid = self.source.min_valid_version(&self.link.plan.schema.table).await?;
+        match self.link.plan.cursor.clone() {
             None => {
                 // The receiver holds nothing for the table (new, recreated,
                 // or a reload just began): a fresh full load.
-                if self.plan.status == TableStatus::Rebuilding && !self.outcome.reloaded {
-                    let reason = self.plan.message.clone().unwrap_or_else(|| "receiver is rebuilding the table".into());
+                if self.link.plan.status == TableStatus::Rebuilding && !self.link.outcome.reloaded {
+                    let reason = self.link.plan.message.clone().unwrap_or_else(|| "receiver is rebuilding the table".into());
                     info!(%reason, "receiver started a rebuild");
-                    self.outcome.reloaded_because(format!("receiver: {reason}"));
+                    self.link.outcome.reloaded_because(format!("receiver: {reason}"));
                 }
                 self.full_load(None).await
             }
@@ -170,10 +178,10 @@ impl<'a, S: Source> TableSync<'a, S> {
                     .await?;
                     return self.full_load(None).await;
                 }
-                self.outcome.mode = SyncMode::Incremental;
+                self.link.outcome.mode = SyncMode::Incremental;
                 self.changes(upper).await?;
-                if self.outcome.rows_sent == 0 {
-                    self.outcome.mode = SyncMode::Idle;
+                if self.link.outcome.rows_sent == 0 {
+                    self.link.outcome.mode = SyncMode::Idle;
                 }
                 Ok(())
             }
@@ -183,89 +191,145 @@ impl<'a, S: Source> TableSync<'a, S> {
     /// Asks the receiver to restart the table into a shadow table; the live
     /// table stays readable until the new load completes.
     async fn start_reload(&mut self, reason: String) -> Result<(), AgentError> {
-        self.check_stop()?;
+        self.link.check_stop()?;
         info!(%reason, "reloading the table");
-        self.client.reload(&self.plan.mirror.name, &reason, self.plan.identity).await?;
-        self.plan.cursor = None;
+        self.link.client.reload(&self.link.plan.mirror.name, &reason, self.link.plan.identity).await?;
+        self.link.plan.cursor = None;
         self.restarted = true;
-        self.outcome.reloaded_because(reason);
+        self.link.outcome.reloaded_because(reason);
         Ok(())
     }
 
     /// A keyset scan in primary-key order as of version `S`, then the changes
     /// made since `S`. `resume` continues an interrupted load from the
     /// receiver's snapshot cursor instead of starting over.
-    async fn full_load(&mut self, resume: Option<(Version, Option<crate::protocol::Key>)>) -> Result<(), AgentError> {
-        self.outcome.mode = SyncMode::Full;
-        let (snapshot_version, mut after) = match resume {
+    ///
+    /// Pipelined: while batch n travels and is applied, chunk n+1 is read
+    /// from where batch n ends. The receiver's answer still decides: if it
+    /// holds anything but the end of batch n, the chunk read ahead is
+    /// dropped and nothing is lost, since rows are only ever sent from the
+    /// receiver's cursor.
+    async fn full_load(&mut self, resume: Option<(Version, Option<Key>)>) -> Result<(), AgentError> {
+        self.link.outcome.mode = SyncMode::Full;
+        let (snapshot_version, after) = match resume {
             Some(r) => r,
             // The receiver holds no cursor, so its target table is empty.
             None => (self.source.current_version().await?, None),
         };
         info!(version = %snapshot_version, "full load");
-        loop {
-            self.check_stop()?;
-            let rows = self.source.snapshot_chunk(self.plan.schema, after.as_ref(), self.limits).await?;
-            Self::pace(self.control.source_rows.clone(), rows.len()).await;
-            let Some(last) = rows.last() else { break };
-            let to = Cursor::Snapshot { version: snapshot_version, after_key: Some(self.plan.schema.key_of(last)) };
-            let changes: Vec<RowChange> =
-                rows.into_iter().map(|values| RowChange::Upsert { version: snapshot_version, values }).collect();
-            self.send(changes, to).await?;
-            after = match &self.plan.cursor {
-                Some(Cursor::Snapshot { after_key, .. }) => after_key.clone(),
-                _ => return Err(self.unexpected_cursor()),
-            };
+        let schema = self.link.plan.schema;
+        let pace = self.link.control.source_rows.clone();
+        let mut chunk = read_snapshot(self.source, schema, after.as_ref(), self.limits, pace.clone()).await?;
+        while !chunk.is_empty() {
+            self.link.check_stop()?;
+            let to = Cursor::Snapshot { version: snapshot_version, after_key: chunk.last_key.clone() };
+            let next_after = chunk.last_key.clone();
+            let (sent, next) = tokio::join!(
+                self.link.send(chunk, to.clone()),
+                read_snapshot(self.source, schema, next_after.as_ref(), self.limits, pace.clone()),
+            );
+            sent?;
+            if self.link.plan.cursor.as_ref() != Some(&to) {
+                return Err(self.link.unexpected_cursor());
+            }
+            chunk = next?;
         }
         // The scan is complete: move to the change stream at the snapshot's
         // version, then catch up with what changed during the scan.
-        self.send(Vec::new(), Cursor::Changes { version: snapshot_version, after_key: None }).await?;
+        self.link.send(CopyChunk::empty(), Cursor::Changes { version: snapshot_version, after_key: None }).await?;
         let upper = self.source.current_version().await?;
         self.changes(upper).await
     }
 
     /// Net changes after the receiver's cursor up to `upper`, oldest first;
     /// finally the cursor moves to `upper` even when nothing changed, so idle
-    /// tables never fall behind the source's retention.
+    /// tables never fall behind the source's retention. Pipelined like the
+    /// full load: the chunk after a batch is read while the batch travels,
+    /// and used only if the receiver ends up exactly where the batch ends.
     async fn changes(&mut self, upper: Version) -> Result<(), AgentError> {
+        let schema = self.link.plan.schema;
+        let pace = self.link.control.source_rows.clone();
+        let mut ahead: Option<(ChangePosition, CopyChunk)> = None;
         loop {
-            let Some(Cursor::Changes { version, after_key }) = self.plan.cursor.clone() else {
-                return Err(self.unexpected_cursor());
+            let Some(Cursor::Changes { version, after_key }) = self.link.plan.cursor.clone() else {
+                return Err(self.link.unexpected_cursor());
             };
             if version > upper || (version == upper && after_key.is_none()) {
                 return Ok(());
             }
-            self.check_stop()?;
+            self.link.check_stop()?;
             let position = ChangePosition { version, after_key };
-            let rows = self.source.changes_chunk(self.plan.schema, &position, upper, self.limits).await?;
-            Self::pace(self.control.source_rows.clone(), rows.len()).await;
-            let Some(last) = rows.last() else {
-                return self.send(Vec::new(), Cursor::Changes { version: upper, after_key: None }).await;
+            let chunk = match ahead.take() {
+                Some((at, chunk)) if at == position => chunk,
+                _ => read_changes(self.source, schema, &position, upper, self.limits, pace.clone()).await?,
             };
-            let to = Cursor::Changes { version: last.version, after_key: Some(last.key.clone()) };
-            let changes = rows
-                .into_iter()
-                .map(|r| match r.op {
-                    RowOp::Upsert(values) => RowChange::Upsert { version: r.version, values },
-                    RowOp::Delete => RowChange::Delete { version: r.version, key: r.key },
-                })
-                .collect();
-            self.send(changes, to).await?;
+            let (Some(last_version), Some(last_key)) = (chunk.last_version, chunk.last_key.clone()) else {
+                return self.link.send(CopyChunk::empty(), Cursor::Changes { version: upper, after_key: None }).await;
+            };
+            let to = Cursor::Changes { version: last_version, after_key: Some(last_key.clone()) };
+            let next = ChangePosition { version: last_version, after_key: Some(last_key) };
+            let (sent, read) = tokio::join!(
+                self.link.send(chunk, to),
+                read_changes(self.source, schema, &next, upper, self.limits, pace.clone()),
+            );
+            sent?;
+            match read {
+                Ok(chunk) => ahead = Some((next, chunk)),
+                // Read again (and fail there if it persists) at the top.
+                Err(e) => tracing::debug!(error = %e, "reading ahead failed"),
+            }
         }
     }
+}
 
+/// One snapshot chunk, paced to the source server's row rate (shared by
+/// every cycle that reads from it).
+async fn read_snapshot<S: Source>(
+    source: &mut S,
+    schema: &SourceSchema,
+    after: Option<&Key>,
+    limits: ChunkLimits,
+    pace: Option<RateLimit>,
+) -> Result<CopyChunk, AgentError> {
+    let chunk = source.snapshot_copy(schema, after, limits).await?;
+    if let Some(limit) = pace {
+        limit.take(chunk.rows).await;
+    }
+    Ok(chunk)
+}
+
+async fn read_changes<S: Source>(
+    source: &mut S,
+    schema: &SourceSchema,
+    after: &ChangePosition,
+    upper: Version,
+    limits: ChunkLimits,
+    pace: Option<RateLimit>,
+) -> Result<CopyChunk, AgentError> {
+    let chunk = source.changes_copy(schema, after, upper, limits).await?;
+    if let Some(limit) = pace {
+        limit.take(chunk.rows).await;
+    }
+    Ok(chunk)
+}
+
+impl Link<'_> {
     /// Sends one batch and adopts the receiver's answer as the cursor.
-    async fn send(&mut self, rows: Vec<RowChange>, to: Cursor) -> Result<(), AgentError> {
-        let n = rows.len() as u64;
-        let batch = RowBatch {
-            table: self.plan.mirror.name.clone(),
-            schema_hash: self.plan.schema_hash.clone(),
-            from: self.plan.cursor.clone(),
-            to,
-            rows,
+    async fn send(&mut self, chunk: CopyChunk, to: Cursor) -> Result<(), AgentError> {
+        let n = chunk.rows;
+        let batch = CopyBatch {
+            header: CopyBatchHeader {
+                table: self.plan.mirror.name.clone(),
+                schema_hash: self.plan.schema_hash.clone(),
+                from: self.plan.cursor.clone(),
+                to,
+                format: chunk.format,
+                rows: n,
+            },
+            payload: chunk.payload.into(),
         };
-        let span = info_span!("batch", n = self.outcome.batches + 1, rows = n, to = %batch.to);
-        let (outcome, bytes) = self.client.send_batch(&batch).instrument(span).await?;
+        let span = info_span!("batch", n = self.outcome.batches + 1, rows = n, to = %batch.header.to);
+        let (outcome, bytes) = self.client.send_copy_batch(&batch).instrument(span).await?;
         self.outcome.batches += 1;
         self.outcome.bytes_sent += bytes as u64;
         match outcome {
@@ -284,7 +348,7 @@ impl<'a, S: Source> TableSync<'a, S> {
                 let msg = format!(
                     "receiver holds cursor {} where the agent expected {}",
                     cursor.as_ref().map(|c| c.to_string()).unwrap_or_else(|| "none".into()),
-                    batch.from.as_ref().map(|c| c.to_string()).unwrap_or_else(|| "none".into()),
+                    batch.header.from.as_ref().map(|c| c.to_string()).unwrap_or_else(|| "none".into()),
                 );
                 self.plan.cursor = cursor;
                 Err(AgentError::new(AgentErrorKind::Refused, msg))
@@ -304,16 +368,6 @@ impl<'a, S: Source> TableSync<'a, S> {
         }
     }
 
-    /// Holds the source server to its row rate (shared by every cycle that
-    /// reads from it).
-    /// (Takes the limit by value so the future does not borrow `self`,
-    /// which holds the source and need not be `Sync`.)
-    async fn pace(limit: Option<RateLimit>, rows: usize) {
-        if let Some(limit) = limit {
-            limit.take(rows as u64).await;
-        }
-    }
-
     fn unexpected_cursor(&self) -> AgentError {
         AgentError::new(
             AgentErrorKind::Fatal,
@@ -324,4 +378,3 @@ impl<'a, S: Source> TableSync<'a, S> {
         )
     }
 }
-

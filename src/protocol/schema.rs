@@ -35,6 +35,32 @@ pub enum ColumnType {
 }
 
 impl ColumnType {
+    /// The PostgreSQL type a mirror column of this type has, without its
+    /// modifier. COPY batches carry values in this type's binary receive
+    /// format, so a source must cast to exactly this type; and casts to it
+    /// never truncate (a cast to `varchar(n)` would), leaving the column's
+    /// own modifier to refuse a value that does not fit.
+    pub fn postgres_base_type(&self) -> &'static str {
+        use ColumnType as T;
+        match self {
+            T::Bool => "boolean",
+            T::Int16 => "smallint",
+            T::Int32 => "integer",
+            T::Int64 => "bigint",
+            T::Float32 => "real",
+            T::Float64 => "double precision",
+            T::Decimal { .. } => "numeric",
+            T::Text { .. } | T::FixedText { .. } => "text",
+            T::Bytes { .. } => "bytea",
+            T::Date => "date",
+            T::Time { .. } => "time",
+            T::Timestamp { .. } => "timestamp",
+            T::TimestampTz { .. } => "timestamptz",
+            T::Uuid => "uuid",
+            T::Json => "jsonb",
+        }
+    }
+
     fn check(&self) -> Result<(), String> {
         match self {
             ColumnType::Decimal { precision, scale } => {

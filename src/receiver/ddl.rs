@@ -36,29 +36,11 @@ pub fn pg_type(ty: &ColumnType) -> String {
     }
 }
 
-/// The type a text parameter is cast to before it is *assigned* to the
-/// column. It is the declared type without its modifier, because an explicit
-/// cast to `varchar(n)` or `char(n)` silently truncates, while assignment to
-/// the column raises an error, so a too-long value is refused, never cut.
+/// The type staged values have before they are *assigned* to the column:
+/// the declared type without its modifier, so that the assignment (not a
+/// silently truncating cast) judges length and precision.
 pub fn input_type(ty: &ColumnType) -> &'static str {
-    use ColumnType as T;
-    match ty {
-        T::Bool => "boolean",
-        T::Int16 => "smallint",
-        T::Int32 => "integer",
-        T::Int64 => "bigint",
-        T::Float32 => "real",
-        T::Float64 => "double precision",
-        T::Decimal { .. } => "numeric",
-        T::Text { .. } | T::FixedText { .. } => "text",
-        T::Bytes { .. } => "bytea",
-        T::Date => "date",
-        T::Time { .. } => "time",
-        T::Timestamp { .. } => "timestamp",
-        T::TimestampTz { .. } => "timestamptz",
-        T::Uuid => "uuid",
-        T::Json => "jsonb",
-    }
+    ty.postgres_base_type()
 }
 
 /// `CREATE TABLE` for a validated schema: every column with its type and

@@ -9,6 +9,7 @@
 pub mod mssql;
 pub mod postgres;
 
+use crate::protocol::copy::{CopyFormat, TextRows};
 use crate::protocol::{ColumnSchema, Key, TableSchema, Value, Version};
 use std::future::Future;
 
@@ -133,6 +134,67 @@ impl ChangeRow {
     }
 }
 
+/// A chunk of rows already in the wire's COPY encoding (see
+/// [`crate::protocol::copy`]), with where the next chunk starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CopyChunk {
+    pub format: CopyFormat,
+    /// The rows, in the layout of the batch they go into: mapped columns
+    /// for a snapshot chunk; version, deleted flag and mapped columns for a
+    /// changes chunk.
+    pub payload: Vec<u8>,
+    pub rows: u64,
+    /// The key of the last row; `None` when the chunk is empty.
+    pub last_key: Option<Key>,
+    /// The version of the last change (changes chunks only).
+    pub last_version: Option<Version>,
+}
+
+impl CopyChunk {
+    /// No rows: the batch that only moves a cursor.
+    pub fn empty() -> CopyChunk {
+        CopyChunk { format: CopyFormat::Binary, payload: Vec::new(), rows: 0, last_key: None, last_version: None }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Values read by a backend that does not speak COPY, as text rows.
+    pub fn from_rows(schema: &SourceSchema, rows: Vec<Vec<Value>>) -> Result<CopyChunk, SourceError> {
+        let mirror = schema.to_protocol("");
+        let mut text = TextRows::new();
+        let mut last_key = None;
+        for values in &rows {
+            let key = schema.key_of(values);
+            text.push_row(&mirror, values).map_err(|e| data_error(schema, &key, e))?;
+            last_key = Some(key);
+        }
+        Ok(CopyChunk { format: CopyFormat::Text, rows: text.rows(), payload: text.into_bytes(), last_key, last_version: None })
+    }
+
+    /// Net changes read by a backend that does not speak COPY, as text rows.
+    pub fn from_changes(schema: &SourceSchema, changes: Vec<ChangeRow>) -> Result<CopyChunk, SourceError> {
+        let mirror = schema.to_protocol("");
+        let mut text = TextRows::new();
+        let mut last = None;
+        for c in changes {
+            let pushed = match &c.op {
+                RowOp::Upsert(values) => text.push_upsert(&mirror, c.version.0, values),
+                RowOp::Delete => text.push_delete(&mirror, c.version.0, &c.key.0),
+            };
+            pushed.map_err(|e| data_error(schema, &c.key, e))?;
+            last = Some((c.version, c.key));
+        }
+        let (last_version, last_key) = last.map_or((None, None), |(v, k)| (Some(v), Some(k)));
+        Ok(CopyChunk { format: CopyFormat::Text, rows: text.rows(), payload: text.into_bytes(), last_key, last_version })
+    }
+}
+
+fn data_error(schema: &SourceSchema, key: &Key, e: String) -> SourceError {
+    SourceError::new(SourceErrorKind::Data, format!("table {}, key {key}: {e}", schema.table))
+}
+
 /// Whether retrying can help. Drives what the agent does with a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceErrorKind {
@@ -226,4 +288,35 @@ pub trait Source: Send {
         upper: Version,
         limits: ChunkLimits,
     ) -> impl Future<Output = Result<Vec<ChangeRow>, SourceError>> + Send;
+
+    /// [`Source::snapshot_chunk`] encoded for the wire. The default encodes
+    /// the values as COPY text; a backend that can have its server produce
+    /// the encoding (PostgreSQL's binary COPY) does so instead, which is
+    /// what makes a full load cost about as much as a raw COPY.
+    fn snapshot_copy(
+        &mut self,
+        schema: &SourceSchema,
+        after: Option<&Key>,
+        limits: ChunkLimits,
+    ) -> impl Future<Output = Result<CopyChunk, SourceError>> + Send {
+        async move {
+            let rows = self.snapshot_chunk(schema, after, limits).await?;
+            CopyChunk::from_rows(schema, rows)
+        }
+    }
+
+    /// [`Source::changes_chunk`] encoded for the wire (see
+    /// [`Source::snapshot_copy`]).
+    fn changes_copy(
+        &mut self,
+        schema: &SourceSchema,
+        after: &ChangePosition,
+        upper: Version,
+        limits: ChunkLimits,
+    ) -> impl Future<Output = Result<CopyChunk, SourceError>> + Send {
+        async move {
+            let changes = self.changes_chunk(schema, after, upper, limits).await?;
+            CopyChunk::from_changes(schema, changes)
+        }
+    }
 }

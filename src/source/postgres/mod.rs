@@ -20,10 +20,12 @@
 //!
 //! Files: `session` (connect), `errors` (error kinds), `sql` (quoting),
 //! `install` (schema, identity), `catalog` (tables, keys, types),
-//! `triggers` (side-table DDL), `tracking` (enable), `read` (chunks),
+//! `triggers` (side-table DDL), `tracking` (enable), `read` (chunks as
+//! values), `copy_read` (chunks as binary COPY for the wire),
 //! `maintain` (retention).
 
 mod catalog;
+mod copy_read;
 mod errors;
 mod install;
 mod maintain;
@@ -35,7 +37,7 @@ mod triggers;
 
 use crate::protocol::{Key, Value, Version};
 use crate::source::{
-    ChangePosition, ChangeRow, ChunkLimits, Source, SourceError, SourceErrorKind, SourceSchema, SourceTable,
+    ChangePosition, ChangeRow, ChunkLimits, CopyChunk, Source, SourceError, SourceErrorKind, SourceSchema, SourceTable,
     TrackingState,
 };
 use errors::pg_error;
@@ -48,6 +50,7 @@ pub struct PostgresSource {
     retention: Duration,
     /// Whether `ctmirror_ct` is known to be installed on this connection.
     installed: bool,
+    widths: copy_read::RowWidths,
 }
 
 impl PostgresSource {
@@ -71,7 +74,7 @@ impl PostgresSource {
 
     pub async fn connect(url: &str, retention: Duration) -> Result<PostgresSource, SourceError> {
         let client = session::open(url).await?;
-        Ok(PostgresSource { client, retention, installed: false })
+        Ok(PostgresSource { client, retention, installed: false, widths: Default::default() })
     }
 
     async fn ensure_installed(&mut self) -> Result<(), SourceError> {
@@ -161,5 +164,24 @@ impl Source for PostgresSource {
         limits: ChunkLimits,
     ) -> Result<Vec<ChangeRow>, SourceError> {
         read::changes_chunk(&mut self.client, schema, after, upper, limits).await
+    }
+
+    async fn snapshot_copy(
+        &mut self,
+        schema: &SourceSchema,
+        after: Option<&Key>,
+        limits: ChunkLimits,
+    ) -> Result<CopyChunk, SourceError> {
+        copy_read::snapshot_copy(&mut self.client, &mut self.widths, schema, after, limits).await
+    }
+
+    async fn changes_copy(
+        &mut self,
+        schema: &SourceSchema,
+        after: &ChangePosition,
+        upper: Version,
+        limits: ChunkLimits,
+    ) -> Result<CopyChunk, SourceError> {
+        copy_read::changes_copy(&mut self.client, &mut self.widths, schema, after, upper, limits).await
     }
 }

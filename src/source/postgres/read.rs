@@ -163,7 +163,7 @@ fn changes_sql(
 /// output function for every supported type except boolean, whose cast
 /// spells `true`/`false` where the output function (and `pgtext`) use
 /// `t`/`f`.
-fn text_exprs(alias: &str, columns: &[&SourceColumn]) -> String {
+pub(super) fn text_exprs(alias: &str, columns: &[&SourceColumn]) -> String {
     columns
         .iter()
         .map(|c| {
@@ -191,7 +191,7 @@ fn key_casts(key_cols: &[&SourceColumn], first: usize) -> String {
 
 /// A cursor key as PostgreSQL text, checked against the key's types. A bad
 /// key means a corrupt cursor, which retrying cannot fix.
-fn key_texts(shown: &str, key_cols: &[&SourceColumn], key: &Key) -> Result<Vec<Option<String>>, SourceError> {
+pub(super) fn key_texts(shown: &str, key_cols: &[&SourceColumn], key: &Key) -> Result<Vec<Option<String>>, SourceError> {
     if key.0.len() != key_cols.len() {
         return Err(SourceError::new(
             SourceErrorKind::Fatal,
@@ -248,7 +248,7 @@ fn decode_columns(
         .collect()
 }
 
-async fn read_transaction(client: &mut Client) -> Result<Transaction<'_>, tokio_postgres::Error> {
+pub(super) async fn read_transaction(client: &mut Client) -> Result<Transaction<'_>, tokio_postgres::Error> {
     client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start().await
 }
 

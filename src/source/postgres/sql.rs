@@ -1,13 +1,26 @@
 //! SQL text helpers. Every identifier the backend writes goes through
 //! [`quote_ident`], so table and column names with spaces, capitals, quotes
-//! or reserved words (`select`) are safe; values never appear in SQL text,
-//! they are always parameters.
+//! or reserved words (`select`) are safe. Values are parameters, except in
+//! `COPY (SELECT …) TO STDOUT`, which takes none: there a cursor's key goes
+//! through [`quote_literal`].
 
 pub(crate) use crate::pgtext::quote_ident;
 
 /// `"schema"."name"`.
 pub(crate) fn qualified(schema: &str, name: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(name))
+}
+
+/// A string literal: quotes doubled, and the `E''` form (backslashes
+/// doubled) when the text holds a backslash, so the result means the same
+/// whatever `standard_conforming_strings` says.
+pub(crate) fn quote_literal(text: &str) -> String {
+    let quoted = text.replace('\'', "''");
+    if quoted.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
+    }
 }
 
 /// The dedicated schema holding the registry, side tables and trigger
@@ -47,6 +60,14 @@ pub(crate) fn column_list(prefix: Option<&str>, columns: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn literals_double_quotes_and_escape_backslashes() {
+        assert_eq!(quote_literal("plain"), "'plain'");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal("a\\'b"), "E'a\\\\''b'");
+        assert_eq!(quote_literal(""), "''");
+    }
 
     #[test]
     fn quote_ident_doubles_embedded_quotes() {
