@@ -227,3 +227,41 @@ async fn wrong_keys_fail_authentication_and_write_nothing() {
     let n: i64 = p.mirror().await.query_one("SELECT count(*) FROM pg_namespace WHERE nspname = 'mirror_acme'", &[]).await.unwrap().get(0);
     assert_eq!(n, 0);
 }
+
+/// Loads and change streams are pipelined: the next chunk is read while a
+/// batch is applied. Killing the agent at arbitrary moments (the cycle's
+/// future dropped mid-request, as a killed process would leave it) must
+/// lose and repeat nothing: each next cycle resumes from the receiver's
+/// cursor, and writes made between the kills arrive too.
+#[tokio::test]
+async fn a_pipelined_load_killed_midway_resumes_without_loss() {
+    let sql = "CREATE TABLE item (id bigint PRIMARY KEY, name text, qty integer, secret text);
+               INSERT INTO item SELECT i, repeat('n', i % 50), i % 7, 's' FROM generate_series(1, 20000) i;";
+    let p = Pipeline::start_with("killed_load", sql, SIMPLE_MAP, small_batches(100)).await;
+    p.wait_quiet().await;
+    let mut kills_inside_the_load = 0;
+    for (round, ms) in [120u64, 200, 80, 300, 150, 250, 400, 600].into_iter().enumerate() {
+        let run = tokio::time::timeout(std::time::Duration::from_millis(ms), p.cycle_now()).await;
+        if run.is_ok() {
+            break;
+        }
+        if matches!(p.mirror_cursor("item").await, Some(ctmirror::protocol::Cursor::Snapshot { .. })) {
+            kills_inside_the_load += 1;
+        }
+        // Writes between kills: some behind the load's position, some ahead.
+        p.exec(&format!(
+            "UPDATE item SET qty = qty + 100 WHERE id % 97 = {round};
+             DELETE FROM item WHERE id = {};
+             INSERT INTO item VALUES ({}, 'late', 1, 's');",
+            1000 + round * 2000,
+            30000 + round
+        ))
+        .await;
+    }
+    assert!(kills_inside_the_load >= 2, "the kills should land inside the full load ({kills_inside_the_load})");
+    let report = p.cycle().await;
+    assert!(report.succeeded(), "{report:#?}");
+    let report = p.cycle().await;
+    assert!(report.succeeded(), "{report:#?}");
+    p.assert_converged().await;
+}

@@ -250,7 +250,7 @@ async fn bad_tokens_are_refused_with_401_and_nothing_is_written() {
         nonce: auth::new_nonce(),
         method: "POST".into(),
         path: format!("/v1/tenants/{tenant}/schema"),
-        body_sha256: auth::body_digest(body),
+        body_blake3: auth::body_digest(body),
     };
     let agent = &rig.signer.key;
     let stranger = Keypair::generate();
@@ -1051,4 +1051,135 @@ async fn unreachable_database_fails_start_as_unavailable() {
     let err = ReceiverService::with_keys(cfg, Keypair::generate(), Keypair::generate().public()).await.err().unwrap();
     assert_eq!(err.kind, ctmirror::receiver::ErrorKind::Unavailable, "{err}");
     assert!(err.retryable());
+}
+
+// ------------------------------------------------------- COPY batches
+
+use ctmirror::protocol::copy::{CopyBatch, CopyBatchHeader, CopyFormat, CONTENT_TYPE as COPY_TYPE};
+
+impl Rig {
+    /// A correctly signed COPY batch, as the agent sends it.
+    async fn copy(&self, header: CopyBatchHeader, payload: &[u8]) -> Answer {
+        let body = CopyBatch { header, payload: payload.to_vec().into() }.encode();
+        self.copy_body(body).await
+    }
+
+    async fn copy_body(&self, body: Vec<u8>) -> Answer {
+        let path = self.path("rows");
+        let (_, auth) = self.signer.authorize("POST", &path, &body);
+        self.send(&path, Some(COPY_TYPE), Some(auth), body).await
+    }
+}
+
+fn copy_header(from: Option<Cursor>, to: Cursor, format: CopyFormat, rows: u64) -> CopyBatchHeader {
+    CopyBatchHeader { table: "items".into(), schema_hash: items().hash(), from, to, format, rows }
+}
+
+/// One binary COPY tuple of `items` in the rows layout (id, name, qty, price=NULL).
+fn binary_item(id: i64, name: &str, qty: i16) -> Vec<u8> {
+    let mut t = 4i16.to_be_bytes().to_vec();
+    t.extend_from_slice(&8i32.to_be_bytes());
+    t.extend_from_slice(&id.to_be_bytes());
+    t.extend_from_slice(&(name.len() as i32).to_be_bytes());
+    t.extend_from_slice(name.as_bytes());
+    t.extend_from_slice(&2i32.to_be_bytes());
+    t.extend_from_slice(&qty.to_be_bytes());
+    t.extend_from_slice(&(-1i32).to_be_bytes());
+    t
+}
+
+#[tokio::test]
+async fn copy_batches_load_binary_rows_and_apply_text_changes() {
+    let rig = Rig::start("copy_apply").await;
+    rig.schema(&[items()]).await;
+    let snap = |id: i64| Cursor::Snapshot { version: Version(5), after_key: Some(Key(vec![Value::Int(id)])) };
+    let rows = [binary_item(1, "one", 1), binary_item(2, "two", 2)].concat();
+    let a = rig.copy(copy_header(None, snap(2), CopyFormat::Binary, 2), &rows).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["counts"], json!({"inserted": 2, "updated": 0, "deleted": 0}));
+    let a = rig.copy(copy_header(Some(snap(2)), changes(5), CopyFormat::Binary, 0), b"").await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    // Changes as text: version, deleted, then the columns.
+    let text = "6\tf\t2\ttwo again\t5\t9.99\n6\tf\t3\tthree\t3\t\\N\n7\tt\t1\t\\N\t\\N\t\\N\n7\tt\t42\t\\N\t\\N\t\\N\n";
+    let a = rig.copy(copy_header(Some(changes(5)), changes(7), CopyFormat::Text, 4), text.as_bytes()).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["counts"], json!({"inserted": 1, "updated": 1, "deleted": 1}));
+    assert_eq!(
+        rig.dump("items").await,
+        vec![
+            r#"{"id": 2, "qty": 5, "name": "two again", "price": 9.99}"#.to_string(),
+            r#"{"id": 3, "qty": 3, "name": "three", "price": null}"#.to_string(),
+        ]
+    );
+    // A re-send is acknowledged without writing.
+    let a = rig.copy(copy_header(Some(changes(5)), changes(7), CopyFormat::Text, 4), text.as_bytes()).await;
+    assert_eq!((a.status, a.body["applied"].clone()), (200, json!(false)), "{}", a.body);
+}
+
+#[tokio::test]
+async fn garbage_copy_batches_are_refused_and_nothing_is_written() {
+    let rig = rig_with_items("copy_garbage").await;
+    let before = rig.dump("items").await;
+    let text = |rows: u64, data: &str| (copy_header(Some(changes(1)), changes(3), CopyFormat::Text, rows), data.as_bytes().to_vec());
+    let binary = |rows: u64, data: Vec<u8>| (copy_header(Some(changes(1)), changes(3), CopyFormat::Binary, rows), data);
+    type Case = ((CopyBatchHeader, Vec<u8>), u16, &'static str);
+    let cases: Vec<Case> = vec![
+        // Framing the receiver's COPY refuses.
+        (text(1, "2\tf\t9\tx\t1\n"), 422, "missing data"),
+        (text(1, "2\tf\t9\tx\t1\t\\N\textra\n"), 422, "extra data"),
+        (text(1, "two\tf\t9\tx\t1\t\\N\n"), 422, "invalid input syntax for type bigint"),
+        (text(1, "2\tf\t9\tx\t99999\t\\N\n"), 422, "out of range"),
+        (text(1, "2\tf\t9\t\\N\t\\N\t\\N\n"), 422, "null value in column \"qty\""),
+        (text(1, "2\tf\t9\tthis name is far too long for it\t1\t\\N\n"), 422, "too long"),
+        (text(1, "2\tf\t9\tx\t1\t\\N\n\\.\n2\tf\t10\tx\t1\t\\N\n"), 400, "end-of-data"),
+        (text(3, "2\tf\t9\tx\t1\t\\N\n"), 400, "announces 3 rows but its data holds 1"),
+        (text(1, "2\tf\t9\t\\xff\t1\t\\N\n"), 422, "invalid byte sequence"),
+        (binary(1, vec![0, 6, 1, 2, 3]), 422, ""),
+        (binary(1, vec![0xff, 0xff]), 422, "EOF marker"),
+        (binary(1, [binary_item(9, "x", 1), vec![0xff, 0xff]].concat()), 422, ""),
+        // Contradictions only the receiver sees.
+        (text(1, "4\tf\t9\tx\t1\t\\N\n"), 400, "past the batch's cursor"),
+        (text(1, "\\N\tf\t9\tx\t1\t\\N\n"), 400, "no version"),
+        (text(1, "2\tt\t\\N\t\\N\t\\N\t\\N\n"), 400, "NULL"),
+        (text(2, "2\tt\t9\t\\N\t\\N\t\\N\n2\tf\t9\tx\t1\t\\N\n"), 400, "both deleted and upserted"),
+        (text(2, "2\tf\t9\tx\t1\t\\N\n2\tf\t9\ty\t1\t\\N\n"), 422, "second time"),
+        // Header contradictions.
+        ((CopyBatchHeader { schema_hash: "other".into(), ..text(1, "").0 }, b"2\tf\t9\tx\t1\t\\N\n".to_vec()), 409, "schema"),
+        ((CopyBatchHeader { table: "nope".into(), ..text(1, "").0 }, b"2\tf\t9\tx\t1\t\\N\n".to_vec()), 409, "not in the mirror"),
+        ((CopyBatchHeader { from: Some(changes(0)), ..text(1, "").0 }, b"2\tf\t9\tx\t1\t\\N\n".to_vec()), 409, "starts at"),
+    ];
+    for ((header, payload), status, expected) in cases {
+        let shown = String::from_utf8_lossy(&payload).into_owned();
+        let a = rig.copy(header, &payload).await;
+        assert_eq!(a.status, status, "{shown:?}: {}", a.body);
+        assert!(a.body["error"]["message"].as_str().unwrap().contains(expected), "{shown:?}: {}", a.body);
+        assert_eq!(rig.dump("items").await, before, "{shown:?}");
+        assert_eq!(rig.cursor("items").await, Some(changes(1)), "{shown:?}");
+    }
+    // Bodies that are not COPY batches at all.
+    for body in [vec![], vec![0, 0, 0], vec![0, 0, 0, 50, b'{'], vec![0, 0, 0, 2, b'{', b'}'], b"{\"table\":\"items\"}".to_vec()] {
+        let a = rig.copy_body(body.clone()).await;
+        assert_eq!((a.status, a.kind()), (400, "bad_request"), "{body:?}: {}", a.body);
+    }
+    // The COPY type is for RowData only.
+    let path = rig.path("schema");
+    let (_, auth) = rig.signer.authorize("POST", &path, b"{}");
+    assert_eq!(rig.send(&path, Some(COPY_TYPE), Some(auth), b"{}".to_vec()).await.status, 415);
+    assert_eq!(rig.dump("items").await, before);
+}
+
+#[tokio::test]
+async fn a_refused_copy_row_is_named_by_its_key() {
+    let rig = rig_with_items("copy_locate").await;
+    rig.client()
+        .await
+        .batch_execute("ALTER TABLE mirror_acme.items ADD CONSTRAINT qty_positive CHECK (qty > 0)")
+        .await
+        .unwrap();
+    let text = "2\tf\t8\tfine\t1\t\\N\n2\tf\t9\tnegative\t-1\t\\N\n";
+    let a = rig.copy(copy_header(Some(changes(1)), changes(3), CopyFormat::Text, 2), text.as_bytes()).await;
+    assert_eq!((a.status, a.kind()), (422, "unprocessable"), "{}", a.body);
+    assert_eq!(a.body["error"]["key"], json!([9]), "{}", a.body);
+    assert!(a.body["error"]["message"].as_str().unwrap().contains("qty_positive"), "{}", a.body);
+    assert_eq!(rig.cursor("items").await, Some(changes(1)));
 }

@@ -94,6 +94,7 @@ pub fn prepare(schema: &TableSchema, batch: &RowBatch) -> Result<Rows, ReceiverE
         count: out.rows(),
         payload: out.into_bytes().into(),
         to_version,
+        staged: false,
     })
 }
 
@@ -131,6 +132,7 @@ impl<'a> Batch<'a> {
                 payload: b.payload.clone(),
                 count: h.rows,
                 to_version: h.to.version(),
+                staged: false,
             }),
         }
     }
@@ -148,6 +150,49 @@ pub async fn apply(
     tenant: &TenantId,
     batch: &Batch<'_>,
 ) -> Result<RowBatchResponse, ReceiverError> {
+    match apply_once(client, tenant, batch, false).await {
+        Err(Retry::Staged) => {
+            tracing::warn!("a full-load batch repeats keys the table holds; applying it as upserts");
+            apply_once(client, tenant, batch, true).await.map_err(Retry::into_error)
+        }
+        other => other.map_err(Retry::into_error),
+    }
+}
+
+/// Why one attempt at a batch ended without an answer.
+enum Retry {
+    /// The straight COPY met a key the table holds: go again through staging.
+    Staged,
+    Failed(ReceiverError),
+}
+
+impl Retry {
+    fn into_error(self) -> ReceiverError {
+        match self {
+            Retry::Failed(e) => e,
+            Retry::Staged => ReceiverError::internal("a batch repeated keys even when staged"),
+        }
+    }
+}
+
+impl From<ReceiverError> for Retry {
+    fn from(e: ReceiverError) -> Self {
+        Retry::Failed(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for Retry {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Retry::Failed(e.into())
+    }
+}
+
+async fn apply_once(
+    client: &mut tokio_postgres::Client,
+    tenant: &TenantId,
+    batch: &Batch<'_>,
+    staged: bool,
+) -> Result<RowBatchResponse, Retry> {
     let table = batch.table;
     let tx = client.transaction().await?;
     let row = store::lock_table(&tx, tenant, table).await?.ok_or_else(|| {
@@ -165,7 +210,8 @@ pub async fn apply(
                 batch.schema_hash, row.schema_hash
             ),
         )
-        .with_table(table));
+        .with_table(table)
+        .into());
     }
     if row.cursor.as_ref() == Some(batch.to) {
         tracing::info!(cursor = %batch.to, "batch already applied; nothing written");
@@ -181,26 +227,31 @@ pub async fn apply(
             ),
         )
         .with_table(table)
-        .with_cursor(row.cursor));
+        .with_cursor(row.cursor)
+        .into());
     }
     Cursor::may_advance(row.cursor.as_ref(), batch.to)
         .map_err(|e| ReceiverError::bad_request(format!("table {table:?}: {e}")).with_table(table))?;
-    let rows = batch.rows(&row.schema).map_err(|e| e.with_table(table))?;
+    let mut rows = batch.rows(&row.schema).map_err(|e| e.with_table(table))?;
+    rows.staged = staged;
     let target = reload::target_schema(tenant, &row);
     let counts = match copy::write(&tx, &target, &row.schema, &rows).await {
         Ok(counts) => counts,
         Err(WriteError::Refused(e)) => {
             return Err(ReceiverError::new(e.kind, format!("table {table:?}: {}", e.message))
                 .with_table(table)
-                .with_key(e.key))
+                .with_key(e.key)
+                .into())
         }
+        Err(WriteError::RepeatedKeys) if !staged => return Err(Retry::Staged),
+        Err(WriteError::RepeatedKeys) => return Err(ReceiverError::internal("a staged batch repeated keys").into()),
         Err(WriteError::Database(e)) => {
             let e = write_error(e, table);
             drop(tx);
             if e.kind == ErrorKind::Unprocessable {
-                return Err(copy::locate(client, &target, &row.schema, &rows).await.unwrap_or(e));
+                return Err(copy::locate(client, &target, &row.schema, &rows).await.unwrap_or(e).into());
             }
-            return Err(e);
+            return Err(e.into());
         }
     };
     // The batch that ends a reload's snapshot moves the loaded shadow in,

@@ -7,8 +7,10 @@
 //! - a full-load batch ([`Layout::Rows`]) only adds rows the table cannot
 //!   hold yet (the keyset scan sends keys past the cursor, and batch and
 //!   cursor commit together), so it is copied straight into the table. If a
-//!   key is there after all (a repeated scan), the COPY is rolled back to a
-//!   savepoint and the batch goes through staging as upserts;
+//!   key is there after all (a repeated scan), the caller rolls back and
+//!   applies the batch again through staging, as upserts. (Not a savepoint:
+//!   rows written under one carry subtransaction ids that every later
+//!   reader of the table pays to resolve.);
 //! - a changes batch ([`Layout::Changes`]) is copied into a temporary
 //!   staging table, checked there with a few set-based queries, and applied
 //!   with one `DELETE … USING` and one `INSERT … ON CONFLICT DO UPDATE`.
@@ -38,6 +40,8 @@ pub struct Rows {
     pub payload: Bytes,
     /// How many rows the sender says the payload holds.
     pub count: u64,
+    /// Upsert through staging even when the layout allows a straight COPY.
+    pub staged: bool,
     /// The batch's `to` version: no change may be newer.
     pub to_version: Version,
 }
@@ -48,6 +52,9 @@ pub struct Rows {
 pub enum WriteError {
     Refused(ReceiverError),
     Database(tokio_postgres::Error),
+    /// A full-load batch holds a key the table already has; the transaction
+    /// is spoilt and the batch must go again with `staged` set.
+    RepeatedKeys,
 }
 
 impl From<tokio_postgres::Error> for WriteError {
@@ -66,20 +73,16 @@ pub async fn write(
     if rows.count == 0 {
         return Ok(ChangeCounts::default());
     }
-    if rows.layout == Layout::Rows {
-        tx.batch_execute("SAVEPOINT ctmirror_copy").await?;
-        match copy_in(tx, &direct_copy_sql(target, schema, rows.format), rows).await {
+    check_text(rows)?;
+    if rows.layout == Layout::Rows && !rows.staged {
+        return match copy_in(tx, &direct_copy_sql(target, schema, rows.format), rows).await {
             Ok(n) => {
-                tx.batch_execute("RELEASE SAVEPOINT ctmirror_copy").await?;
                 check_count(rows, n)?;
-                return Ok(ChangeCounts { inserted: n, ..ChangeCounts::default() });
+                Ok(ChangeCounts { inserted: n, ..ChangeCounts::default() })
             }
-            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                tracing::warn!("a full-load batch repeats keys the table holds; applying it as upserts");
-                tx.batch_execute("ROLLBACK TO SAVEPOINT ctmirror_copy").await?;
-            }
-            Err(e) => return Err(e.into()),
-        }
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Err(WriteError::RepeatedKeys),
+            Err(e) => Err(e.into()),
+        };
     }
     let stage = Stage::new(target, schema);
     stage.load(tx, rows).await?;
@@ -100,6 +103,20 @@ async fn copy_in(tx: &Transaction<'_>, sql: &str, rows: &Rows) -> Result<u64, to
         sink.feed(rows.payload.clone()).await?;
     }
     sink.finish().await
+}
+
+/// Text COPY stops at a line `\.` and silently ignores what follows, so a
+/// payload holding one would have part of it dropped without a word. Data
+/// never needs that line: a backslash in a value is always escaped.
+fn check_text(rows: &Rows) -> Result<(), WriteError> {
+    if rows.format == CopyFormat::Text
+        && rows.payload.split(|b| *b == b'\n').any(|line| line == b"\\." || line == b"\\.\r")
+    {
+        return Err(WriteError::Refused(ReceiverError::bad_request(
+            "the rows hold an end-of-data line (\\.); COPY would ignore what follows it",
+        )));
+    }
+    Ok(())
 }
 
 fn check_count(rows: &Rows, copied: u64) -> Result<(), WriteError> {

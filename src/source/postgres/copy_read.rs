@@ -246,7 +246,9 @@ impl Splitter {
             limits,
             header_seen: false,
             carry: Vec::new(),
-            out: Vec::with_capacity(limits.max_bytes.min(1 << 20)),
+            // The whole bound at once: growing by doubling would reserve up
+            // to twice it. Pages never written cost nothing.
+            out: Vec::with_capacity(limits.max_bytes.min(256 << 20) + (64 << 10)),
             rows: 0,
             last_key: vec![None; keys],
             last_version: None,
