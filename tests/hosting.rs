@@ -388,7 +388,7 @@ async fn a_down_partner_backs_off_while_another_partner_keeps_its_cadence() {
     let mut up = control.runs(&pair("acme", "up"), 100).await.unwrap();
     up.reverse();
     assert!(up.len() >= 6, "the healthy pair kept running: {}", up.len());
-    assert!(up.iter().all(|r| r.outcome == "succeeded"));
+    assert!(up.iter().all(|r| r.outcome == "succeeded"), "{up:#?}");
     for w in up.windows(2) {
         let gap = (w[1].started - w[0].started).num_milliseconds();
         assert!(gap < 2_500, "the healthy pair was delayed: {gap} ms between starts");

@@ -1183,3 +1183,70 @@ async fn a_refused_copy_row_is_named_by_its_key() {
     assert!(a.body["error"]["message"].as_str().unwrap().contains("qty_positive"), "{}", a.body);
     assert_eq!(rig.cursor("items").await, Some(changes(1)));
 }
+
+// ------------------------------------------------------------- Advance
+
+#[tokio::test]
+async fn advance_moves_idle_cursors_in_one_call_and_refuses_per_table() {
+    let rig = rig_with_items("advance").await;
+    let mut other = items();
+    other.name = "others".into();
+    rig.schema(&[items(), other.clone()]).await;
+    let b = batch(&other, None, changes(1), json!([]));
+    assert_eq!(rig.call("rows", &b).await.status, 200);
+    let mv = |table: &TableSchema, from: Cursor, to: Cursor| {
+        json!({"table": table.name, "schema_hash": table.hash(), "from": from, "to": to})
+    };
+    let a = rig.call("advance", &json!({"tables": [mv(&items(), changes(1), changes(9)), mv(&other, changes(1), changes(9))]})).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["tables"][0]["applied"], true);
+    assert_eq!(a.body["tables"][1]["applied"], true);
+    assert_eq!(rig.cursor("items").await, Some(changes(9)));
+    assert_eq!(rig.cursor("others").await, Some(changes(9)));
+    // Re-sent: acknowledged, nothing moves.
+    let a = rig.call("advance", &json!({"tables": [mv(&items(), changes(1), changes(9))]})).await;
+    assert_eq!((a.status, a.body["tables"][0]["applied"].clone()), (200, json!(false)), "{}", a.body);
+    // A table named twice is refused whole.
+    let twice = json!({"tables": [mv(&items(), changes(9), changes(12)), mv(&items(), changes(9), changes(13))]});
+    let a = rig.call("advance", &twice).await;
+    assert_eq!((a.status, a.kind()), (400, "bad_request"), "a table twice: {}", a.body);
+    // One refused table does not hold the others back.
+    let a = rig
+        .call(
+            "advance",
+            &json!({"tables": [
+                mv(&items(), changes(3), changes(12)),
+                mv(&other, changes(9), changes(12)),
+                mv(&TableSchema { name: "ghost".into(), ..items() }, changes(1), changes(12)),
+            ]}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let kinds: Vec<&str> = (0..3).map(|i| a.body["tables"][i]["error"]["kind"].as_str().unwrap_or("-")).collect();
+    assert_eq!(kinds, ["conflict", "-", "unknown_table"], "{}", a.body);
+    assert_eq!(a.body["tables"][0]["cursor"], serde_json::to_value(changes(9)).unwrap());
+    assert_eq!(a.body["tables"][1]["applied"], true);
+    assert_eq!(rig.cursor("others").await, Some(changes(12)));
+    let wrong_hash = json!({"table": "items", "schema_hash": "nope", "from": changes(9), "to": changes(12)});
+    let a = rig.call("advance", &json!({"tables": [wrong_hash]})).await;
+    assert_eq!(a.body["tables"][0]["error"]["kind"], "schema_mismatch", "{}", a.body);
+    let snap = Cursor::Snapshot { version: Version(9), after_key: None };
+    let keyed = Cursor::Changes { version: Version(12), after_key: Some(Key(vec![Value::Int(1)])) };
+    for bad in [
+        json!({"tables": [mv(&items(), snap.clone(), changes(12))]}),
+        json!({"tables": [mv(&items(), changes(9), snap)]}),
+        json!({"tables": [mv(&items(), changes(9), changes(8))]}),
+        json!({"tables": [mv(&items(), changes(9), keyed)]}),
+    ] {
+        let a = rig.call("advance", &bad).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.body["tables"][0]["applied"], false, "{bad}: {}", a.body);
+        assert_eq!(a.body["tables"][0]["error"]["kind"], "bad_request", "{bad}: {}", a.body);
+    }
+    for garbage in [json!({}), json!({"tables": 1}), json!({"tables": [{"table": "items"}]}), json!({"tables": [], "x": 1})] {
+        let a = rig.call("advance", &garbage).await;
+        assert_eq!((a.status, a.kind()), (400, "bad_request"), "{garbage}: {}", a.body);
+    }
+    assert_eq!(rig.cursor("items").await, Some(changes(9)));
+    assert_eq!(rig.cursor("others").await, Some(changes(12)));
+}

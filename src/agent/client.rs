@@ -120,6 +120,11 @@ impl PartnerClient {
         self.call(&protocol::reload_path(&self.signer.tenant), &req).await
     }
 
+    /// Moves idle tables' cursors (see [`AdvanceRequest`]).
+    pub async fn advance(&self, req: &AdvanceRequest) -> Result<AdvanceResponse, AgentError> {
+        self.call(&protocol::advance_path(&self.signer.tenant), req).await
+    }
+
     pub async fn completed(&self, req: &CompletedRequest) -> Result<CompletedResponse, AgentError> {
         self.call(&protocol::completed_path(&self.signer.tenant), req).await
     }

@@ -11,7 +11,9 @@ use super::limits::RateLimit;
 use super::stop::StopSignal;
 use super::report::{CycleReport, TableOutcome};
 use super::table_sync::{TablePlan, TableSync};
-use crate::protocol::{CompletedRequest, TableSchema, TableSchemaRequest, TableState, TableStatus, Version};
+use crate::protocol::{
+    AdvanceRequest, CompletedRequest, TableSchema, TableSchemaRequest, TableState, TableStatus, Version,
+};
 use crate::schema_map::SchemaMap;
 use crate::source::{ChunkLimits, Source, SourceSchema, SourceTable};
 use std::time::Instant;
@@ -185,6 +187,8 @@ pub async fn run_controlled_cycle<S: Source>(
         report.tables.push(outcome);
     }
 
+    advance_idle_tables(client, &mut report.tables, control).await;
+
     if report.interrupted() {
         // The cycle is not complete: completion hooks would run on a mirror
         // that is only partly caught up. The next cycle completes it.
@@ -207,6 +211,31 @@ pub async fn run_controlled_cycle<S: Source>(
     }
     report.duration = started.elapsed();
     Ok(report)
+}
+
+/// Sends the cursor moves of every table that had nothing (more) to send in
+/// one call. A failure leaves those cursors where they were, which costs
+/// nothing but a longer way next cycle: it is logged, not a table failure.
+async fn advance_idle_tables(client: &PartnerClient, tables: &mut [TableOutcome], control: &CycleControl) {
+    let moves: Vec<_> = tables.iter_mut().filter_map(|t| t.pending_advance.take()).collect();
+    if moves.is_empty() {
+        return;
+    }
+    match client.advance(&AdvanceRequest { tables: moves }).await {
+        Ok(answer) => {
+            for a in answer.tables {
+                let Some(t) = tables.iter_mut().find(|t| t.table == a.table) else { continue };
+                if let Some(e) = &a.error {
+                    warn!(table = %a.table, kind = %e.kind, error = %e.message, "receiver did not move the cursor");
+                }
+                t.cursor = a.cursor;
+                if let Some(progress) = &control.progress {
+                    progress(t);
+                }
+            }
+        }
+        Err(e) => warn!(error = %e, "moving idle tables' cursors failed; they move next cycle"),
+    }
 }
 
 /// A source that was restored from a backup or replaced: its history is no

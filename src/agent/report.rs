@@ -25,6 +25,10 @@ pub struct TableOutcome {
     pub reloaded: bool,
     /// Why it was reloaded.
     pub reload_reason: Option<String>,
+    /// The table has nothing more to send and its cursor only has to move
+    /// to the end of the cycle's change stream; the cycle sends every such
+    /// move in one Advance call.
+    pub pending_advance: Option<crate::protocol::Advance>,
 }
 
 impl TableOutcome {
@@ -42,6 +46,7 @@ impl TableOutcome {
             start_cursor: None,
             reloaded: false,
             reload_reason: None,
+            pending_advance: None,
         }
     }
 

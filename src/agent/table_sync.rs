@@ -11,7 +11,7 @@ use super::limits::RateLimit;
 use super::error::{AgentError, AgentErrorKind};
 use super::report::TableOutcome;
 use crate::protocol::copy::{CopyBatch, CopyBatchHeader};
-use crate::protocol::{Cursor, Key, SyncMode, TableSchema, TableStatus, Version};
+use crate::protocol::{Advance, Cursor, Key, SyncMode, TableSchema, TableStatus, Version};
 use crate::source::{ChangePosition, ChunkLimits, CopyChunk, Source, SourceSchema};
 use std::time::Instant;
 use tracing::{info, info_span, Instrument};
@@ -243,7 +243,8 @@ impl<'a, S: Source> TableSync<'a, S> {
 
     /// Net changes after the receiver's cursor up to `upper`, oldest first;
     /// finally the cursor moves to `upper` even when nothing changed, so idle
-    /// tables never fall behind the source's retention. Pipelined like the
+    /// tables never fall behind the source's retention (that last move is
+    /// left in the outcome for the cycle's Advance call). Pipelined like the
     /// full load: the chunk after a batch is read while the batch travels,
     /// and used only if the receiver ends up exactly where the batch ends.
     async fn changes(&mut self, upper: Version) -> Result<(), AgentError> {
@@ -264,7 +265,15 @@ impl<'a, S: Source> TableSync<'a, S> {
                 _ => read_changes(self.source, schema, &position, upper, self.limits, pace.clone()).await?,
             };
             let (Some(last_version), Some(last_key)) = (chunk.last_version, chunk.last_key.clone()) else {
-                return self.link.send(CopyChunk::empty(), Cursor::Changes { version: upper, after_key: None }).await;
+                // Nothing left: the cursor still moves to `upper`, in the
+                // cycle's one Advance call for all such tables.
+                self.link.outcome.pending_advance = Some(Advance {
+                    table: self.link.plan.mirror.name.clone(),
+                    schema_hash: self.link.plan.schema_hash.clone(),
+                    from: Cursor::Changes { version, after_key: position.after_key },
+                    to: Cursor::Changes { version: upper, after_key: None },
+                });
+                return Ok(());
             };
             let to = Cursor::Changes { version: last_version, after_key: Some(last_key.clone()) };
             let next = ChangePosition { version: last_version, after_key: Some(last_key) };

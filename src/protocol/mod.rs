@@ -33,6 +33,9 @@ pub fn schema_path(tenant: &TenantId) -> String {
 pub fn rows_path(tenant: &TenantId) -> String {
     format!("{PREFIX}/tenants/{tenant}/rows")
 }
+pub fn advance_path(tenant: &TenantId) -> String {
+    format!("{PREFIX}/tenants/{tenant}/advance")
+}
 pub fn reload_path(tenant: &TenantId) -> String {
     format!("{PREFIX}/tenants/{tenant}/reload")
 }
@@ -175,6 +178,49 @@ pub struct RowBatchResponse {
     /// lost answer); nothing was written.
     pub applied: bool,
     pub counts: ChangeCounts,
+}
+
+/// Moves the cursors of tables that have nothing to send to the end of the
+/// cycle's change stream, all in one call and one transaction. Without it an
+/// idle tenant of many tables costs one RowData call per table per cycle;
+/// the cursors still must move, or an idle table would fall behind the
+/// source's retention and need a reload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdvanceRequest {
+    pub tables: Vec<Advance>,
+}
+
+/// One table's move: a RowData batch without rows, limited to the change
+/// stream (`from` and `to` are changes cursors, `to` ends a version).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Advance {
+    pub table: String,
+    pub schema_hash: String,
+    pub from: Cursor,
+    pub to: Cursor,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdvanceResponse {
+    /// One answer per requested table, in request order.
+    pub tables: Vec<AdvanceResult>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdvanceResult {
+    pub table: String,
+    /// The cursor the receiver holds now (moved or not).
+    pub cursor: Option<Cursor>,
+    /// `true` when this call moved it.
+    pub applied: bool,
+    /// Why it did not move (`conflict`, `schema_mismatch`, `unknown_table`,
+    /// `bad_request`); the other tables are not affected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
 }
 
 /// Starts a full reload of one table: the receiver prepares an empty shadow

@@ -7,7 +7,7 @@
 //! and every refusal is an [`ErrorBody`](crate::protocol::ErrorBody).
 
 use super::error::{ErrorKind, ReceiverError};
-use super::{apply, hooks, reload, schema, ReceiverService};
+use super::{advance, apply, hooks, reload, schema, ReceiverService};
 use crate::auth::{self, RequestFacts};
 use crate::ids::TenantId;
 use crate::protocol::copy::{self, CopyBatch};
@@ -29,6 +29,7 @@ enum Op {
     Authenticate,
     Schema,
     Rows,
+    Advance,
     Reload,
     Completed,
 }
@@ -39,6 +40,7 @@ impl Op {
             Op::Authenticate => "authenticate",
             Op::Schema => "schema",
             Op::Rows => "rows",
+            Op::Advance => "advance",
             Op::Reload => "reload",
             Op::Completed => "completed",
         }
@@ -51,6 +53,7 @@ pub fn router(service: ReceiverService) -> Router {
         .route(&format!("{p}/tenants/{{tenant}}/authenticate"), post(authenticate))
         .route(&format!("{p}/tenants/{{tenant}}/schema"), post(schema_call))
         .route(&format!("{p}/tenants/{{tenant}}/rows"), post(rows))
+        .route(&format!("{p}/tenants/{{tenant}}/advance"), post(advance_call))
         .route(&format!("{p}/tenants/{{tenant}}/reload"), post(reload_call))
         .route(&format!("{p}/tenants/{{tenant}}/completed"), post(completed))
         .fallback(not_found)
@@ -68,6 +71,9 @@ async fn schema_call(State(s): State<ReceiverService>, p: TenantPath, req: Reque
 }
 async fn rows(State(s): State<ReceiverService>, p: TenantPath, req: Request) -> Response {
     handle(s, Op::Rows, p, req).await
+}
+async fn advance_call(State(s): State<ReceiverService>, p: TenantPath, req: Request) -> Response {
+    handle(s, Op::Advance, p, req).await
 }
 async fn reload_call(State(s): State<ReceiverService>, p: TenantPath, req: Request) -> Response {
     handle(s, Op::Reload, p, req).await
@@ -152,6 +158,12 @@ async fn checked(s: &ReceiverService, op: Op, path: TenantPath, req: Request) ->
             tracing::Span::current().record("table", req.table.as_str());
             let mut client = inner.pool.get().await?;
             let answer = apply::apply(&mut client, &tenant, &apply::Batch::json(&req)).await?;
+            Ok(Json(answer).into_response())
+        }
+        Op::Advance => {
+            let req: protocol::AdvanceRequest = parse(&body)?;
+            let mut client = inner.pool.get().await?;
+            let answer = advance::apply(&mut client, &tenant, &req).await?;
             Ok(Json(answer).into_response())
         }
         Op::Reload => {

@@ -8,6 +8,7 @@
 //! are in `store`, type mapping and DDL in `ddl`.
 //! See `docs/receiver.md`.
 
+mod advance;
 mod apply;
 mod copy;
 mod ddl;

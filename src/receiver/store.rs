@@ -218,6 +218,23 @@ pub async fn set_cursor(
     Ok(())
 }
 
+/// [`set_cursor`] for many tables in one statement.
+pub async fn set_cursors(tx: &Transaction<'_>, tenant: &TenantId, moves: &[(&str, &Cursor)]) -> Result<(), ReceiverError> {
+    if moves.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = moves.iter().map(|(n, _)| *n).collect();
+    let cursors: Vec<String> = moves.iter().map(|(_, c)| to_json(c)).collect::<Result<_, _>>()?;
+    tx.execute(
+        "UPDATE ctmirror.tables AS t SET cursor = u.cursor::jsonb, updated_at = now()
+           FROM unnest($2::text[], $3::text[]) AS u(name, cursor)
+          WHERE t.tenant = $1 AND t.table_name = u.name",
+        &[&tenant.as_str(), &names, &cursors],
+    )
+    .await?;
+    Ok(())
+}
+
 pub async fn forget_table(tx: &Transaction<'_>, tenant: &TenantId, table: &str) -> Result<(), ReceiverError> {
     tx.execute("DELETE FROM ctmirror.tables WHERE tenant = $1 AND table_name = $2", &[&tenant.as_str(), &table])
         .await?;

@@ -5,6 +5,7 @@ use super::errors::pg_error;
 use super::sql::{qualified, quote_ident};
 use crate::protocol::{ColumnSchema, ColumnType};
 use crate::source::{SourceColumn, SourceError, SourceSchema, SourceTable};
+use super::statements::Statements;
 use tokio_postgres::GenericClient;
 
 /// A source table resolved in the catalog.
@@ -41,19 +42,17 @@ pub(crate) fn display(table: &SourceTable) -> String {
 /// tracked.
 pub(crate) async fn find_table<C: GenericClient + Sync>(
     client: &C,
+    stmts: &Statements,
     table: &SourceTable,
 ) -> Result<TableRef, SourceError> {
+    const SQL: &str = "SELECT c.oid, c.relkind::text
+                         FROM pg_catalog.pg_class c
+                         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                        WHERE n.nspname = $1 AND c.relname = $2";
     let shown = display(table);
-    let row = client
-        .query_opt(
-            "SELECT c.oid, c.relkind::text
-               FROM pg_catalog.pg_class c
-               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = $1 AND c.relname = $2",
-            &[&schema_of(table), &table.name],
-        )
-        .await
-        .map_err(|e| pg_error(e, &format!("looking up table {shown}"), "USAGE on its schema"))?;
+    let err = |e| pg_error(e, &format!("looking up table {shown}"), "USAGE on its schema");
+    let statement = stmts.get(client, SQL).await.map_err(err)?;
+    let row = client.query_opt(&statement, &[&schema_of(table), &table.name]).await.map_err(err)?;
     let Some(row) = row else {
         return Err(SourceError::config(format!("table {shown} not found")));
     };
@@ -84,25 +83,22 @@ pub(crate) struct KeyColumn {
 /// The primary-key columns in key order; empty when there is none.
 pub(crate) async fn primary_key<C: GenericClient + Sync>(
     client: &C,
+    stmts: &Statements,
     table: &TableRef,
 ) -> Result<Vec<KeyColumn>, SourceError> {
+    const SQL: &str = "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attcollation,
+                              pg_catalog.format_type(a.atttypid, a.atttypmod),
+                              cn.nspname::text, co.collname::text
+                         FROM pg_catalog.pg_index i
+                        CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+                         JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                         LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
+                         LEFT JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace
+                        WHERE i.indrelid = $1 AND i.indisprimary
+                        ORDER BY k.ord";
     let doing = format!("reading the primary key of table {}", table.display());
-    let rows = client
-        .query(
-            "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attcollation,
-                    pg_catalog.format_type(a.atttypid, a.atttypmod),
-                    cn.nspname::text, co.collname::text
-               FROM pg_catalog.pg_index i
-              CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
-               JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-               LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
-               LEFT JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace
-              WHERE i.indrelid = $1 AND i.indisprimary
-              ORDER BY k.ord",
-            &[&table.oid],
-        )
-        .await
-        .map_err(|e| pg_error(e, &doing, ""))?;
+    let statement = stmts.get(client, SQL).await.map_err(|e| pg_error(e, &doing, ""))?;
+    let rows = client.query(&statement, &[&table.oid]).await.map_err(|e| pg_error(e, &doing, ""))?;
     rows.iter()
         .map(|r| {
             let collation_schema: Option<String> = r.try_get(5)?;
@@ -143,24 +139,21 @@ struct CatalogColumn {
 /// primary-key columns and types the protocol cannot carry, naming them.
 pub(crate) async fn read_schema<C: GenericClient + Sync>(
     client: &C,
+    stmts: &Statements,
     table: &SourceTable,
     columns: &[String],
 ) -> Result<SourceSchema, SourceError> {
-    let tref = find_table(client, table).await?;
+    const SQL: &str = "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attnotnull,
+                              pg_catalog.format_type(a.atttypid, a.atttypmod), t.typtype::text
+                         FROM pg_catalog.pg_attribute a
+                         JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+                        WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+                        ORDER BY a.attnum";
+    let tref = find_table(client, stmts, table).await?;
     let shown = tref.display();
     let doing = format!("reading the columns of table {shown}");
-    let rows = client
-        .query(
-            "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attnotnull,
-                    pg_catalog.format_type(a.atttypid, a.atttypmod), t.typtype::text
-               FROM pg_catalog.pg_attribute a
-               JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
-              ORDER BY a.attnum",
-            &[&tref.oid],
-        )
-        .await
-        .map_err(|e| pg_error(e, &doing, ""))?;
+    let statement = stmts.get(client, SQL).await.map_err(|e| pg_error(e, &doing, ""))?;
+    let rows = client.query(&statement, &[&tref.oid]).await.map_err(|e| pg_error(e, &doing, ""))?;
     let catalog = rows
         .iter()
         .map(|r| {
@@ -182,7 +175,7 @@ pub(crate) async fn read_schema<C: GenericClient + Sync>(
             quote_ident(missing)
         )));
     }
-    let key = primary_key(client, &tref).await?;
+    let key = primary_key(client, stmts, &tref).await?;
     if key.is_empty() {
         return Err(no_primary_key(&tref));
     }

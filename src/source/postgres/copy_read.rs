@@ -17,7 +17,7 @@
 
 use super::catalog::{display, schema_of};
 use super::errors::pg_error;
-use super::read::{key_texts, read_transaction, text_exprs};
+use super::read::{key_texts, text_exprs};
 use super::sql::{column_list, qualified, quote_ident, quote_literal, CT_SCHEMA, DELETED_COL, VERSION_COL};
 use super::tracking::tracked;
 use crate::pgtext::from_pg_text;
@@ -70,16 +70,17 @@ pub(crate) async fn snapshot_copy(
         None => None,
     };
     let limit = widths.limit(&shown, limits);
+    // One statement with its own snapshot: no transaction needed.
     let sql = snapshot_sql(schema, &key_cols, after_texts.as_deref(), limit);
-    let tx = read_transaction(client).await.map_err(|e| pg_error(e, &doing, &grant))?;
-    let chunk = read_chunk(&tx, &sql, schema, Layout::Rows, limits, (&doing, &grant)).await?;
-    tx.commit().await.map_err(|e| pg_error(e, &doing, &grant))?;
+    let stream = client.copy_out(&sql).await.map_err(|e| pg_error(e, &doing, &grant))?;
+    let chunk = read_chunk(stream, schema, Layout::Rows, limits, (&doing, &grant)).await?;
     widths.record(&shown, &chunk);
     Ok(chunk)
 }
 
 pub(crate) async fn changes_copy(
     client: &mut Client,
+    stmts: &super::statements::Statements,
     widths: &mut RowWidths,
     schema: &SourceSchema,
     after: &ChangePosition,
@@ -95,12 +96,14 @@ pub(crate) async fn changes_copy(
         None => None,
     };
     let limit = widths.limit(&format!("{shown} changes"), limits);
-    let tx = read_transaction(client).await.map_err(|e| pg_error(e, &doing, &grant))?;
-    let registry = tracked(&tx, &schema.table).await?;
+    // One statement, so no transaction: the side table a table's registry
+    // names changes only when tracking is reinstalled, which the next
+    // cycle's `ensure_tracking` reports (and the table reloads).
+    let registry = tracked(&*client, stmts, &schema.table).await?;
     let sql =
         changes_sql(schema, &key_cols, &registry.side_table, after.version, after_texts.as_deref(), upper, limit);
-    let chunk = read_chunk(&tx, &sql, schema, Layout::Changes, limits, (&doing, &grant)).await?;
-    tx.commit().await.map_err(|e| pg_error(e, &doing, &grant))?;
+    let stream = client.copy_out(&sql).await.map_err(|e| pg_error(e, &doing, &grant))?;
+    let chunk = read_chunk(stream, schema, Layout::Changes, limits, (&doing, &grant)).await?;
     widths.record(&format!("{shown} changes"), &chunk);
     Ok(chunk)
 }
@@ -191,14 +194,12 @@ fn changes_sql(
 /// Runs the COPY and turns its tuples into a chunk: each row's wire fields
 /// are copied out, its trailing key texts kept for the cursor.
 async fn read_chunk(
-    tx: &tokio_postgres::Transaction<'_>,
-    sql: &str,
+    stream: tokio_postgres::CopyOutStream,
     schema: &SourceSchema,
     layout: Layout,
     limits: ChunkLimits,
     (doing, grant): (&str, &str),
 ) -> Result<CopyChunk, SourceError> {
-    let stream = tx.copy_out(sql).await.map_err(|e| pg_error(e, doing, grant))?;
     futures_util::pin_mut!(stream);
     let mut splitter = Splitter::new(schema, layout, limits);
     while let Some(data) = stream.next().await {

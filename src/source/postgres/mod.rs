@@ -19,7 +19,8 @@
 //! [`Source::ensure_tracking`] reinstall tracking, which forces a reload.
 //!
 //! Files: `session` (connect), `errors` (error kinds), `sql` (quoting),
-//! `install` (schema, identity), `catalog` (tables, keys, types),
+//! `install` (schema, identity), `statements` (prepared once per
+//! connection), `catalog` (tables, keys, types),
 //! `triggers` (side-table DDL), `tracking` (enable), `read` (chunks as
 //! values), `copy_read` (chunks as binary COPY for the wire),
 //! `maintain` (retention).
@@ -31,6 +32,7 @@ mod install;
 mod maintain;
 mod read;
 mod session;
+mod statements;
 mod sql;
 mod tracking;
 mod triggers;
@@ -51,6 +53,7 @@ pub struct PostgresSource {
     /// Whether `ctmirror_ct` is known to be installed on this connection.
     installed: bool,
     widths: copy_read::RowWidths,
+    stmts: statements::Statements,
 }
 
 impl PostgresSource {
@@ -74,7 +77,7 @@ impl PostgresSource {
 
     pub async fn connect(url: &str, retention: Duration) -> Result<PostgresSource, SourceError> {
         let client = session::open(url).await?;
-        Ok(PostgresSource { client, retention, installed: false, widths: Default::default() })
+        Ok(PostgresSource { client, retention, installed: false, widths: Default::default(), stmts: Default::default() })
     }
 
     async fn ensure_installed(&mut self) -> Result<(), SourceError> {
@@ -104,7 +107,7 @@ impl Source for PostgresSource {
 
     async fn ensure_tracking(&mut self, table: &SourceTable) -> Result<TrackingState, SourceError> {
         self.ensure_installed().await?;
-        let result = tracking::ensure_tracking(&mut self.client, table).await;
+        let result = tracking::ensure_tracking(&mut self.client, &self.stmts, table).await;
         self.recheck_on_config_error(result)
     }
 
@@ -113,7 +116,7 @@ impl Source for PostgresSource {
         table: &SourceTable,
         columns: &[String],
     ) -> Result<SourceSchema, SourceError> {
-        catalog::read_schema(&self.client, table, columns).await
+        catalog::read_schema(&self.client, &self.stmts, table, columns).await
     }
 
     /// `pg_snapshot_xmin(pg_current_snapshot()) - 1`: xmin is the oldest
@@ -137,7 +140,7 @@ impl Source for PostgresSource {
 
     async fn min_valid_version(&mut self, table: &SourceTable) -> Result<Version, SourceError> {
         self.ensure_installed().await?;
-        let result = tracking::tracked(&self.client, table).await.map(|t| t.min_valid_version);
+        let result = tracking::tracked(&self.client, &self.stmts, table).await.map(|t| t.min_valid_version);
         self.recheck_on_config_error(result)
     }
 
@@ -163,7 +166,7 @@ impl Source for PostgresSource {
         upper: Version,
         limits: ChunkLimits,
     ) -> Result<Vec<ChangeRow>, SourceError> {
-        read::changes_chunk(&mut self.client, schema, after, upper, limits).await
+        read::changes_chunk(&mut self.client, &self.stmts, schema, after, upper, limits).await
     }
 
     async fn snapshot_copy(
@@ -182,6 +185,6 @@ impl Source for PostgresSource {
         upper: Version,
         limits: ChunkLimits,
     ) -> Result<CopyChunk, SourceError> {
-        copy_read::changes_copy(&mut self.client, &mut self.widths, schema, after, upper, limits).await
+        copy_read::changes_copy(&mut self.client, &self.stmts, &mut self.widths, schema, after, upper, limits).await
     }
 }

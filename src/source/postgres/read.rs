@@ -71,6 +71,7 @@ fn snapshot_sql(schema: &SourceSchema, key_cols: &[&SourceColumn], has_after: bo
 /// Net changes after `after` up to `upper`, ordered by (version, key).
 pub(crate) async fn changes_chunk(
     client: &mut Client,
+    stmts: &super::statements::Statements,
     schema: &SourceSchema,
     after: &ChangePosition,
     upper: Version,
@@ -88,7 +89,7 @@ pub(crate) async fn changes_chunk(
     let limit = limits.max_rows.max(1) as i64;
 
     let tx = read_transaction(client).await.map_err(err)?;
-    let registry = tracked(&tx, &schema.table).await?;
+    let registry = tracked(&tx, stmts, &schema.table).await?;
     let sql = changes_sql(schema, &key_cols, &registry.side_table, after.after_key.is_some());
     let statement = tx.prepare(&sql).await.map_err(err)?;
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&after.version.0];

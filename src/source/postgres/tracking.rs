@@ -1,7 +1,8 @@
 //! Turning change tracking on for a table, and the registry reads that
 //! depend on it (min valid version, the side table of a tracked table).
 
-use super::catalog::{display, find_table, no_primary_key, primary_key, KeyColumn, TableRef};
+use super::catalog::{display, find_table, no_primary_key, primary_key, schema_of, KeyColumn, TableRef};
+use super::statements::Statements;
 use super::errors::pg_error;
 use super::install::INSTALL_LOCK;
 use super::sql::{quote_ident, DELETED_COL, VERSION_COL};
@@ -16,8 +17,12 @@ use tokio_postgres::{Client, GenericClient, Transaction};
 /// enabled so the agent reloads it.
 pub(crate) async fn ensure_tracking(
     client: &mut Client,
+    stmts: &Statements,
     table: &SourceTable,
 ) -> Result<TrackingState, SourceError> {
+    if is_tracked_and_healthy(client, stmts, table).await {
+        return Ok(TrackingState { newly_enabled: false });
+    }
     let shown = display(table);
     let doing = format!("enabling change tracking on table {shown}");
     let grant =
@@ -28,8 +33,8 @@ pub(crate) async fn ensure_tracking(
     // queue every later writer behind us forever.
     tx.batch_execute("SET LOCAL lock_timeout = '30s'").await.map_err(err)?;
     tx.execute("SELECT pg_catalog.pg_advisory_xact_lock($1)", &[&INSTALL_LOCK]).await.map_err(err)?;
-    let tref = find_table(&tx, table).await?;
-    let key = primary_key(&tx, &tref).await?;
+    let tref = find_table(&tx, stmts, table).await?;
+    let key = primary_key(&tx, stmts, &tref).await?;
     if key.is_empty() {
         return Err(no_primary_key(&tref));
     }
@@ -99,6 +104,46 @@ pub(crate) async fn ensure_tracking(
     Ok(TrackingState { newly_enabled: true })
 }
 
+/// The common case in one query, without a transaction or the install
+/// lock: the table is registered under its current name, its side table's
+/// key equals its primary key and all triggers fire. Anything else (or any
+/// error) answers `false` and the full check under the lock decides.
+async fn is_tracked_and_healthy(client: &Client, stmts: &Statements, table: &SourceTable) -> bool {
+    const SQL: &str = "
+        WITH t AS (
+            SELECT c.oid, r.side_table, (r.schema_name, r.table_name) = ($1::text, $2::text) AS same_name
+              FROM pg_catalog.pg_class c
+              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              JOIN ctmirror_ct.tracked r ON r.table_oid = c.oid
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p'))
+        SELECT t.same_name
+           AND (SELECT count(*) FROM pg_catalog.pg_trigger
+                 WHERE tgrelid = t.oid AND tgname::text = ANY($3::text[]) AND tgenabled::text IN ('O', 'A'))
+               = pg_catalog.cardinality($3::text[])
+           AND ARRAY(SELECT ROW(a.attname::text, a.atttypid, a.atttypmod, a.attcollation)::text
+                       FROM pg_catalog.pg_attribute a
+                       JOIN pg_catalog.pg_class sc ON sc.oid = a.attrelid
+                       JOIN pg_catalog.pg_namespace sn ON sn.oid = sc.relnamespace
+                      WHERE sn.nspname = 'ctmirror_ct' AND sc.relname = t.side_table
+                        AND a.attnum > 0 AND NOT a.attisdropped
+                        AND a.attname::text NOT IN ($4::text, $5::text)
+                      ORDER BY a.attnum)
+             = ARRAY(SELECT ROW(a.attname::text, a.atttypid, a.atttypmod, a.attcollation)::text
+                       FROM pg_catalog.pg_index i
+                      CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+                       JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                      WHERE i.indrelid = t.oid AND i.indisprimary
+                      ORDER BY k.ord)
+          FROM t";
+    let names: Vec<&str> = TRIGGERS.iter().map(|(n, _)| *n).collect();
+    let Ok(statement) = stmts.get(client, SQL).await else { return false };
+    let schema = schema_of(table);
+    match client.query_opt(&statement, &[&schema, &table.name, &names, &VERSION_COL, &DELETED_COL]).await {
+        Ok(Some(row)) => row.try_get::<_, Option<bool>>(0).ok().flatten().unwrap_or(false),
+        _ => false,
+    }
+}
+
 /// Whether the side table's key columns still equal the table's primary key
 /// (names, types, typmods, collations, order) and all four triggers exist
 /// and fire.
@@ -157,23 +202,42 @@ pub(crate) struct Tracked {
 /// (the cycle enables tracking before reading).
 pub(crate) async fn tracked<C: GenericClient + Sync>(
     client: &C,
+    stmts: &Statements,
     table: &SourceTable,
 ) -> Result<Tracked, SourceError> {
-    let tref = find_table(client, table).await?;
-    let shown = tref.display();
-    let row = client
-        .query_opt(
-            "SELECT side_table, min_valid_version FROM ctmirror_ct.tracked WHERE table_oid = $1",
-            &[&tref.oid],
+    // By name in one query; only when that finds nothing does the slower
+    // path below say whether the table is missing or just not tracked.
+    const BY_NAME: &str = "SELECT r.side_table, r.min_valid_version
+                             FROM pg_catalog.pg_class c
+                             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                             JOIN ctmirror_ct.tracked r ON r.table_oid = c.oid
+                            WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')";
+    const SQL: &str = "SELECT side_table, min_valid_version FROM ctmirror_ct.tracked WHERE table_oid = $1";
+    let shown = display(table);
+    let by_name_err = |e| {
+        pg_error(
+            e,
+            &format!("reading the change-tracking registry for table {shown}"),
+            "USAGE and SELECT on schema ctmirror_ct",
         )
-        .await
-        .map_err(|e| {
-            pg_error(
-                e,
-                &format!("reading the change-tracking registry for table {shown}"),
-                "USAGE and SELECT on schema ctmirror_ct",
-            )
-        })?;
+    };
+    let statement = stmts.get(client, BY_NAME).await.map_err(by_name_err)?;
+    if let Some(row) = client.query_opt(&statement, &[&schema_of(table), &table.name]).await.map_err(by_name_err)? {
+        let side_table: String = row.try_get(0).map_err(|e| pg_error(e, &shown, ""))?;
+        let min_valid: i64 = row.try_get(1).map_err(|e| pg_error(e, &shown, ""))?;
+        return Ok(Tracked { side_table, min_valid_version: Version(min_valid) });
+    }
+    let tref = find_table(client, stmts, table).await?;
+    let shown = tref.display();
+    let err = |e| {
+        pg_error(
+            e,
+            &format!("reading the change-tracking registry for table {shown}"),
+            "USAGE and SELECT on schema ctmirror_ct",
+        )
+    };
+    let statement = stmts.get(client, SQL).await.map_err(err)?;
+    let row = client.query_opt(&statement, &[&tref.oid]).await.map_err(err)?;
     let Some(row) = row else {
         return Err(SourceError::config(format!("change tracking is not enabled on table {shown}")));
     };
