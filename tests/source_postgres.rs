@@ -906,3 +906,24 @@ async fn a_full_load_starting_right_after_enabling_is_never_below_min_valid() {
     tx.rollback().await.unwrap();
     drop(db);
 }
+
+#[tokio::test]
+async fn survey_reports_every_tables_min_valid_version_and_which_have_changes() {
+    let ddl = "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE \"B b\" (id int PRIMARY KEY); CREATE TABLE untracked (id int PRIMARY KEY);";
+    let (_db, mut client, mut source) = setup("survey", ddl).await;
+    let (a, b) = (table("a"), table("B b"));
+    track(&mut source, &a, &["id"]).await;
+    track(&mut source, &b, &["id"]).await;
+    let before = settle(&mut source, &client).await;
+    write(&mut client, "INSERT INTO \"B b\" VALUES (1)").await;
+    let upper = settle(&mut source, &client).await;
+    let asked = vec![(a.clone(), Some(before)), (b.clone(), Some(before)), (table("untracked"), Some(before)), (a.clone(), None)];
+    let s = source.survey(&asked, upper).await.unwrap();
+    let min_a = source.min_valid_version(&a).await.unwrap();
+    assert_eq!(s[0].min_valid, Some(min_a));
+    assert_eq!(s.iter().map(|t| t.may_have_changes).collect::<Vec<_>>(), [false, true, true, true]);
+    assert_eq!(s[2].min_valid, None, "an untracked table is not known here");
+    // Past the change, nothing waits.
+    let s = source.survey(&[(b.clone(), Some(upper))], upper).await.unwrap();
+    assert!(!s[0].may_have_changes);
+}

@@ -12,10 +12,10 @@ use super::stop::StopSignal;
 use super::report::{CycleReport, TableOutcome};
 use super::table_sync::{TablePlan, TableSync};
 use crate::protocol::{
-    AdvanceRequest, CompletedRequest, TableSchema, TableSchemaRequest, TableState, TableStatus, Version,
+    AdvanceRequest, CompletedRequest, Cursor, TableSchema, TableSchemaRequest, TableState, TableStatus, Version,
 };
 use crate::schema_map::SchemaMap;
-use crate::source::{ChunkLimits, Source, SourceSchema, SourceTable};
+use crate::source::{ChunkLimits, Source, SourceSchema, SourceTable, TableSurvey};
 use std::time::Instant;
 use tracing::{info, warn};
 
@@ -145,7 +145,28 @@ pub async fn run_controlled_cycle<S: Source>(
         report.restore = Some(r.reason.clone());
     }
 
-    for p in &prepared {
+    // Min valid versions, and which tables have changes at all, in one
+    // round where the source can; a failed survey only costs speed.
+    let surveyed: Vec<(SourceTable, Option<Version>)> = prepared
+        .iter()
+        .map(|p| {
+            let at = answer.tables.iter().find(|s| s.name == p.mirror.name).and_then(|s| match &s.cursor {
+                Some(Cursor::Changes { version, after_key: None }) => Some(*version),
+                _ => None,
+            });
+            (p.source.table.clone(), at)
+        })
+        .collect();
+    let surveys = match source.survey(&surveyed, upper).await {
+        Ok(s) if s.len() == prepared.len() => s,
+        Ok(_) => vec![TableSurvey::UNKNOWN; prepared.len()],
+        Err(e) => {
+            warn!(error = %e, "surveying the tables failed; each table asks on its own");
+            vec![TableSurvey::UNKNOWN; prepared.len()]
+        }
+    };
+
+    for (p, survey) in prepared.iter().zip(surveys) {
         if let Some(reason) = control.stop.reason() {
             report.tables.push(TableOutcome::failed(
                 &p.mirror.name,
@@ -182,6 +203,7 @@ pub async fn run_controlled_cycle<S: Source>(
                 _ if control.reload.covers(&p.mirror.name) => Some("reload requested by an operator".into()),
                 _ => None,
             },
+            survey,
         };
         let outcome = TableSync::new(source, client, plan, settings.limits, control).run(upper).await;
         report.tables.push(outcome);

@@ -12,7 +12,7 @@ use super::error::{AgentError, AgentErrorKind};
 use super::report::TableOutcome;
 use crate::protocol::copy::{CopyBatch, CopyBatchHeader};
 use crate::protocol::{Advance, Cursor, Key, SyncMode, TableSchema, TableStatus, Version};
-use crate::source::{ChangePosition, ChunkLimits, CopyChunk, Source, SourceSchema};
+use crate::source::{ChangePosition, ChunkLimits, CopyChunk, Source, SourceSchema, TableSurvey};
 use std::time::Instant;
 use tracing::{info, info_span, Instrument};
 
@@ -38,6 +38,8 @@ pub struct TablePlan<'a> {
     /// The cycle decided this table must be reloaded (an operator's
     /// request, a restored source), and why.
     pub reload: Option<String>,
+    /// What the source said about the table at the start of the cycle.
+    pub survey: TableSurvey,
 }
 
 pub struct TableSync<'a, S: Source> {
@@ -145,7 +147,10 @@ impl<'a, S: Source> TableSync<'a, S> {
             // Nothing held: the full load below is the reload asked for.
             self.link.outcome.reloaded_because(reason);
         }
-        let min_valid = self.source.min_valid_version(&self.link.plan.schema.table).await?;
+        let min_valid = match self.link.plan.survey.min_valid {
+            Some(v) => v,
+            None => self.source.min_valid_version(&self.link.plan.schema.table).await?,
+        };
         match self.link.plan.cursor.clone() {
             None => {
                 // The receiver holds nothing for the table (new, recreated,
@@ -179,6 +184,11 @@ impl<'a, S: Source> TableSync<'a, S> {
                     return self.full_load(None).await;
                 }
                 self.link.outcome.mode = SyncMode::Incremental;
+                if !self.link.plan.survey.may_have_changes {
+                    self.link.outcome.mode = SyncMode::Idle;
+                    self.nothing_left(upper);
+                    return Ok(());
+                }
                 self.changes(upper).await?;
                 if self.link.outcome.rows_sent == 0 {
                     self.link.outcome.mode = SyncMode::Idle;
@@ -265,14 +275,7 @@ impl<'a, S: Source> TableSync<'a, S> {
                 _ => read_changes(self.source, schema, &position, upper, self.limits, pace.clone()).await?,
             };
             let (Some(last_version), Some(last_key)) = (chunk.last_version, chunk.last_key.clone()) else {
-                // Nothing left: the cursor still moves to `upper`, in the
-                // cycle's one Advance call for all such tables.
-                self.link.outcome.pending_advance = Some(Advance {
-                    table: self.link.plan.mirror.name.clone(),
-                    schema_hash: self.link.plan.schema_hash.clone(),
-                    from: Cursor::Changes { version, after_key: position.after_key },
-                    to: Cursor::Changes { version: upper, after_key: None },
-                });
+                self.nothing_left(upper);
                 return Ok(());
             };
             let to = Cursor::Changes { version: last_version, after_key: Some(last_key.clone()) };
@@ -286,6 +289,24 @@ impl<'a, S: Source> TableSync<'a, S> {
                 Ok(chunk) => ahead = Some((next, chunk)),
                 // Read again (and fail there if it persists) at the top.
                 Err(e) => tracing::debug!(error = %e, "reading ahead failed"),
+            }
+        }
+    }
+}
+
+impl<S: Source> TableSync<'_, S> {
+    /// Nothing (more) to send: the cursor still moves to `upper`, in the
+    /// cycle's one Advance call for all such tables.
+    fn nothing_left(&mut self, upper: Version) {
+        let plan = &self.link.plan;
+        if let Some(Cursor::Changes { version, after_key }) = &plan.cursor {
+            if *version < upper || (*version == upper && after_key.is_some()) {
+                self.link.outcome.pending_advance = Some(Advance {
+                    table: plan.mirror.name.clone(),
+                    schema_hash: plan.schema_hash.clone(),
+                    from: Cursor::Changes { version: *version, after_key: after_key.clone() },
+                    to: Cursor::Changes { version: upper, after_key: None },
+                });
             }
         }
     }

@@ -134,6 +134,20 @@ impl ChangeRow {
     }
 }
 
+/// What a cycle learns about a table up front (see [`Source::survey`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSurvey {
+    /// `None`: not known here; the table asks [`Source::min_valid_version`].
+    pub min_valid: Option<Version>,
+    /// `false` only when the source knows no change waits after the
+    /// version given: the table's cursor just moves to the cycle's end.
+    pub may_have_changes: bool,
+}
+
+impl TableSurvey {
+    pub const UNKNOWN: TableSurvey = TableSurvey { min_valid: None, may_have_changes: true };
+}
+
 /// A chunk of rows already in the wire's COPY encoding (see
 /// [`crate::protocol::copy`]), with where the next chunk starts.
 #[derive(Debug, Clone, PartialEq)]
@@ -288,6 +302,20 @@ pub trait Source: Send {
         upper: Version,
         limits: ChunkLimits,
     ) -> impl Future<Output = Result<Vec<ChangeRow>, SourceError>> + Send;
+
+    /// For each table, with the version its changes cursor stands at (when
+    /// it ends a version): the min valid version and whether changes wait
+    /// past it up to `upper`. One round for all tables where the backend
+    /// can; the default knows nothing and lets each table ask.
+    fn survey(
+        &mut self,
+        tables: &[(SourceTable, Option<Version>)],
+        upper: Version,
+    ) -> impl Future<Output = Result<Vec<TableSurvey>, SourceError>> + Send {
+        let _ = upper;
+        let n = tables.len();
+        async move { Ok(vec![TableSurvey::UNKNOWN; n]) }
+    }
 
     /// [`Source::snapshot_chunk`] encoded for the wire. The default encodes
     /// the values as COPY text; a backend that can have its server produce

@@ -23,7 +23,7 @@
 //! connection), `catalog` (tables, keys, types),
 //! `triggers` (side-table DDL), `tracking` (enable), `read` (chunks as
 //! values), `copy_read` (chunks as binary COPY for the wire),
-//! `maintain` (retention).
+//! `survey` (every table's state in two queries), `maintain` (retention).
 
 mod catalog;
 mod copy_read;
@@ -33,13 +33,14 @@ mod maintain;
 mod read;
 mod session;
 mod statements;
+mod survey;
 mod sql;
 mod tracking;
 mod triggers;
 
 use crate::protocol::{Key, Value, Version};
 use crate::source::{
-    ChangePosition, ChangeRow, ChunkLimits, CopyChunk, Source, SourceError, SourceErrorKind, SourceSchema, SourceTable,
+    ChangePosition, ChangeRow, ChunkLimits, CopyChunk, Source, TableSurvey, SourceError, SourceErrorKind, SourceSchema, SourceTable,
     TrackingState,
 };
 use errors::pg_error;
@@ -167,6 +168,15 @@ impl Source for PostgresSource {
         limits: ChunkLimits,
     ) -> Result<Vec<ChangeRow>, SourceError> {
         read::changes_chunk(&mut self.client, &self.stmts, schema, after, upper, limits).await
+    }
+
+    async fn survey(
+        &mut self,
+        tables: &[(SourceTable, Option<Version>)],
+        upper: Version,
+    ) -> Result<Vec<TableSurvey>, SourceError> {
+        self.ensure_installed().await?;
+        survey::survey(&self.client, &self.stmts, tables, upper).await
     }
 
     async fn snapshot_copy(
