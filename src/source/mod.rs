@@ -348,3 +348,57 @@ pub trait Source: Send {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ColumnType;
+
+    fn schema() -> SourceSchema {
+        let col = |name: &str, data_type, nullable| SourceColumn {
+            column: ColumnSchema { name: name.into(), data_type, nullable },
+            native_type: String::new(),
+        };
+        SourceSchema {
+            table: SourceTable { schema: Some("dbo".into()), name: "t".into() },
+            columns: vec![
+                col("name", ColumnType::Text { max_length: None }, true),
+                col("id", ColumnType::Int32, false),
+                col("raw", ColumnType::Bytes { max_length: None }, true),
+            ],
+            primary_key: vec!["id".into()],
+        }
+    }
+
+    #[test]
+    fn values_of_other_backends_become_copy_text_with_the_last_key() {
+        let rows = vec![
+            vec![Value::Text("a\tb".into()), Value::Int(1), Value::Text("AAE=".into())],
+            vec![Value::Null, Value::Int(2), Value::Null],
+        ];
+        let chunk = CopyChunk::from_rows(&schema(), rows).unwrap();
+        assert_eq!((chunk.format, chunk.rows), (CopyFormat::Text, 2));
+        assert_eq!(String::from_utf8(chunk.payload).unwrap(), "a\\tb\t1\t\\\\x0001\n\\N\t2\t\\N\n");
+        assert_eq!(chunk.last_key, Some(Key(vec![Value::Int(2)])));
+
+        let changes = vec![
+            ChangeRow { version: Version(7), key: Key(vec![Value::Int(3)]), op: RowOp::Delete },
+            ChangeRow {
+                version: Version(8),
+                key: Key(vec![Value::Int(4)]),
+                op: RowOp::Upsert(vec![Value::Text("x".into()), Value::Int(4), Value::Null]),
+            },
+        ];
+        let chunk = CopyChunk::from_changes(&schema(), changes).unwrap();
+        assert_eq!(String::from_utf8(chunk.payload).unwrap(), "7\tt\t\\N\t3\t\\N\n8\tf\tx\t4\t\\N\n");
+        assert_eq!((chunk.last_version, chunk.last_key), (Some(Version(8)), Some(Key(vec![Value::Int(4)]))));
+    }
+
+    #[test]
+    fn a_value_the_wire_cannot_carry_names_table_and_key() {
+        let rows = vec![vec![Value::Null, Value::Int(9), Value::Text("not base64!".into())]];
+        let e = CopyChunk::from_rows(&schema(), rows).unwrap_err();
+        assert_eq!(e.kind, SourceErrorKind::Data);
+        assert!(e.message.contains("dbo.t") && e.message.contains("[9]") && e.message.contains("\"raw\""), "{}", e.message);
+    }
+}
