@@ -263,25 +263,64 @@ pub fn escape_text(out: &mut Vec<u8>, text: &str) {
     }
 }
 
-/// One binary COPY tuple: its bytes and where each field lies in them.
-#[derive(Debug)]
-pub struct BinaryTuple<'a> {
-    pub bytes: &'a [u8],
-    /// Per field: the value's range in `bytes`, or `None` for NULL.
+/// Reads binary COPY tuples one at a time, keeping where each field of the
+/// last one lies. The field list is reused from tuple to tuple: splitting a
+/// million rows allocates nothing per row.
+#[derive(Debug, Default)]
+pub struct TupleReader {
+    /// Per field of the last tuple read: the value's range in the data
+    /// given to [`TupleReader::read`], or `None` for NULL.
     pub fields: Vec<Option<std::ops::Range<usize>>>,
 }
 
-impl<'a> BinaryTuple<'a> {
-    pub fn field(&self, i: usize) -> Option<&'a [u8]> {
-        self.fields[i].clone().map(|r| &self.bytes[r])
+impl TupleReader {
+    /// Reads one tuple at the start of `data` and returns its length.
+    /// `Ok(None)` means `data` holds only part of a tuple; the trailer reads
+    /// as a tuple of no fields and 2 bytes.
+    pub fn read(&mut self, data: &[u8]) -> Result<Option<usize>, String> {
+        self.fields.clear();
+        if data.len() < 2 {
+            return Ok(None);
+        }
+        let count = i16::from_be_bytes([data[0], data[1]]);
+        if count == -1 {
+            return Ok(Some(2));
+        }
+        if count < 0 {
+            return Err(format!("binary COPY tuple with field count {count}"));
+        }
+        let mut pos = 2;
+        for _ in 0..count {
+            if data.len() < pos + 4 {
+                return Ok(None);
+            }
+            let len = i32::from_be_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]);
+            pos += 4;
+            if len == -1 {
+                self.fields.push(None);
+                continue;
+            }
+            if len < 0 {
+                return Err(format!("binary COPY field with length {len}"));
+            }
+            let end = pos + len as usize;
+            if data.len() < end {
+                return Ok(None);
+            }
+            self.fields.push(Some(pos..end));
+            pos = end;
+        }
+        Ok(Some(pos))
+    }
+
+    /// Field `i` of the last tuple, in the data it was read from.
+    pub fn field<'d>(&self, data: &'d [u8], i: usize) -> Option<&'d [u8]> {
+        self.fields[i].clone().map(|r| &data[r])
     }
 
     /// The bytes of the field count and the first `n` fields, which is a
     /// valid tuple once its count is rewritten to `n`.
     pub fn prefix_end(&self, n: usize) -> usize {
-        if n == 0 {
-            return 2;
-        }
         let mut end = 2;
         for f in &self.fields[..n] {
             end = match f {
@@ -291,45 +330,6 @@ impl<'a> BinaryTuple<'a> {
         }
         end
     }
-}
-
-/// Reads one tuple at the start of `data`. `Ok(None)` means `data` holds
-/// only part of a tuple; the trailer is reported as a tuple with no fields
-/// and 2 bytes.
-pub fn read_binary_tuple(data: &[u8]) -> Result<Option<BinaryTuple<'_>>, String> {
-    if data.len() < 2 {
-        return Ok(None);
-    }
-    let count = i16::from_be_bytes([data[0], data[1]]);
-    if count == -1 {
-        return Ok(Some(BinaryTuple { bytes: &data[..2], fields: Vec::new() }));
-    }
-    if count < 0 {
-        return Err(format!("binary COPY tuple with field count {count}"));
-    }
-    let mut pos = 2;
-    let mut fields = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        if data.len() < pos + 4 {
-            return Ok(None);
-        }
-        let len = i32::from_be_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]);
-        pos += 4;
-        if len == -1 {
-            fields.push(None);
-            continue;
-        }
-        if len < 0 {
-            return Err(format!("binary COPY field with length {len}"));
-        }
-        let end = pos + len as usize;
-        if data.len() < end {
-            return Ok(None);
-        }
-        fields.push(Some(pos..end));
-        pos = end;
-    }
-    Ok(Some(BinaryTuple { bytes: &data[..pos], fields }))
 }
 
 #[cfg(test)]
@@ -421,20 +421,20 @@ mod tests {
             BINARY_TRAILER,
         ]
         .concat();
-        let t = read_binary_tuple(&data).unwrap().unwrap();
-        assert_eq!(t.bytes.len(), 20);
-        assert_eq!(t.field(0), Some(&[0u8, 0, 0, 5][..]));
-        assert_eq!(t.field(1), None);
-        assert_eq!(t.field(2), Some(&b"ab"[..]));
+        let mut t = TupleReader::default();
+        assert_eq!(t.read(&data).unwrap(), Some(20));
+        assert_eq!(t.field(&data, 0), Some(&[0u8, 0, 0, 5][..]));
+        assert_eq!(t.field(&data, 1), None);
+        assert_eq!(t.field(&data, 2), Some(&b"ab"[..]));
         assert_eq!(t.prefix_end(0), 2);
         assert_eq!(t.prefix_end(1), 10);
         assert_eq!(t.prefix_end(2), 14);
-        let trailer = read_binary_tuple(&data[20..]).unwrap().unwrap();
-        assert!(trailer.fields.is_empty());
+        assert_eq!(t.read(&data[20..]).unwrap(), Some(2));
+        assert!(t.fields.is_empty());
         for cut in 0..20 {
-            assert!(read_binary_tuple(&data[..cut]).unwrap().is_none(), "cut at {cut}");
+            assert!(t.read(&data[..cut]).unwrap().is_none(), "cut at {cut}");
         }
-        assert!(read_binary_tuple(&[0xff, 0xfe]).is_err());
-        assert!(read_binary_tuple(&[0, 1, 0xff, 0xff, 0xff, 0xfe]).is_err());
+        assert!(t.read(&[0xff, 0xfe]).is_err());
+        assert!(t.read(&[0, 1, 0xff, 0xff, 0xff, 0xfe]).is_err());
     }
 }

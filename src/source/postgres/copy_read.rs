@@ -21,7 +21,7 @@ use super::read::{key_texts, text_exprs};
 use super::sql::{column_list, qualified, quote_ident, quote_literal, CT_SCHEMA, DELETED_COL, VERSION_COL};
 use super::tracking::tracked;
 use crate::pgtext::from_pg_text;
-use crate::protocol::copy::{read_binary_tuple, CopyFormat, Layout, BINARY_HEADER};
+use crate::protocol::copy::{CopyFormat, Layout, TupleReader, BINARY_HEADER};
 use crate::protocol::{Key, Version};
 use crate::source::{ChangePosition, ChunkLimits, CopyChunk, SourceColumn, SourceError, SourceErrorKind, SourceSchema};
 use futures_util::StreamExt;
@@ -233,6 +233,7 @@ struct Splitter {
     last_key: Vec<Option<Vec<u8>>>,
     last_version: Option<i64>,
     done: bool,
+    tuple: TupleReader,
 }
 
 impl Splitter {
@@ -254,6 +255,7 @@ impl Splitter {
             last_key: vec![None; keys],
             last_version: None,
             done: false,
+            tuple: TupleReader::default(),
         }
     }
 
@@ -292,8 +294,10 @@ impl Splitter {
             self.header_seen = true;
         }
         while !self.done {
-            let Some(tuple) = read_binary_tuple(&data[pos..])? else { break };
-            pos += tuple.bytes.len();
+            let rest = &data[pos..];
+            let Some(len) = self.tuple.read(rest)? else { break };
+            pos += len;
+            let tuple = &self.tuple;
             if tuple.fields.is_empty() {
                 self.done = true;
                 break;
@@ -302,16 +306,15 @@ impl Splitter {
                 return Err(format!("a row has {} fields, expected {}", tuple.fields.len(), self.fields));
             }
             let end = tuple.prefix_end(self.wire);
-            let size = end;
-            if self.rows > 0 && self.out.len() + size > self.limits.max_bytes {
+            if self.rows > 0 && self.out.len() + end > self.limits.max_bytes {
                 self.done = true;
                 break;
             }
             self.out.extend_from_slice(&(self.wire as u16).to_be_bytes());
-            self.out.extend_from_slice(&tuple.bytes[2..end]);
+            self.out.extend_from_slice(&rest[2..end]);
             self.rows += 1;
             for (i, slot) in self.last_key.iter_mut().enumerate() {
-                match (tuple.field(self.wire + i), slot) {
+                match (tuple.field(rest, self.wire + i), slot) {
                     (Some(b), Some(v)) => {
                         v.clear();
                         v.extend_from_slice(b);
@@ -321,7 +324,7 @@ impl Splitter {
                 }
             }
             if self.layout == Layout::Changes {
-                let v = tuple.field(0).ok_or("a change without a version")?;
+                let v = tuple.field(rest, 0).ok_or("a change without a version")?;
                 let bytes: [u8; 8] = v.try_into().map_err(|_| "a version that is not a bigint")?;
                 self.last_version = Some(i64::from_be_bytes(bytes));
             }
