@@ -1023,7 +1023,7 @@ impl Bench {
                 .into(),
             "ctmirror times are whole processes (`ctmirror --log warn sync`): start, connect, authenticate, \
              schema, rows, ReplicationCompleted with the receiver's default ANALYZE hook. Agent and receiver \
-             use their default batch limits (50,000 rows, 8 MiB)."
+             use their default batch limits (50,000 rows, 4 MiB)."
                 .into(),
             "CPU seconds (from /proc, 10 ms resolution) count every process of a cluster: backends, \
              walsenders, replication workers, but also autovacuum and the checkpointer."
