@@ -85,6 +85,15 @@ pub fn body_digest(body: &[u8]) -> String {
     blake3::hash(body).to_hex().to_string()
 }
 
+/// [`body_digest`] of a body sent in parts (their concatenation).
+pub fn body_digest_parts(parts: &[&[u8]]) -> String {
+    let mut h = blake3::Hasher::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().to_hex().to_string()
+}
+
 pub fn new_nonce() -> String {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).expect("operating system random source");
@@ -301,6 +310,12 @@ pub struct RequestSigner {
 impl RequestSigner {
     /// The claims and the full `Authorization` header value for one request.
     pub fn authorize(&self, method: &str, path: &str, body: &[u8]) -> (Claims, String) {
+        self.authorize_digest(method, path, body_digest(body))
+    }
+
+    /// [`RequestSigner::authorize`] with the body's digest already taken
+    /// (once per batch, however many attempts it takes).
+    pub fn authorize_digest(&self, method: &str, path: &str, body_blake3: String) -> (Claims, String) {
         let claims = Claims {
             role: Role::Agent,
             tenant: self.tenant.clone(),
@@ -309,7 +324,7 @@ impl RequestSigner {
             nonce: new_nonce(),
             method: method.to_owned(),
             path: path.to_owned(),
-            body_blake3: body_digest(body),
+            body_blake3,
         };
         let header = format!("{} {}", crate::protocol::AUTH_SCHEME, self.key.sign(&claims));
         (claims, header)

@@ -16,6 +16,7 @@ use super::error::{AgentError, AgentErrorKind};
 use super::limits::PartnerLimits;
 use crate::auth::{self, Claims, PublicKey, RequestSigner};
 use crate::protocol::copy::{self, CopyBatch};
+use bytes::Bytes;
 use crate::protocol::{self, *};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -132,18 +133,18 @@ impl PartnerClient {
     /// Sends one JSON batch; returns the outcome and the request body's size.
     pub async fn send_batch(&self, batch: &RowBatch) -> Result<(BatchOutcome, usize), AgentError> {
         let body = serde_json::to_vec(batch).expect("batch serializes");
-        self.send_rows(body, "application/json").await
+        self.send_rows(vec![body.into()], "application/json").await
     }
 
     /// Sends one COPY batch (what the agent's cycles send); returns the
     /// outcome and the request body's size.
     pub async fn send_copy_batch(&self, batch: &CopyBatch) -> Result<(BatchOutcome, usize), AgentError> {
-        self.send_rows(batch.encode(), copy::CONTENT_TYPE).await
+        self.send_rows(batch.encode_parts().to_vec(), copy::CONTENT_TYPE).await
     }
 
-    async fn send_rows(&self, body: Vec<u8>, content_type: &'static str) -> Result<(BatchOutcome, usize), AgentError> {
+    async fn send_rows(&self, body: Vec<Bytes>, content_type: &'static str) -> Result<(BatchOutcome, usize), AgentError> {
         let path = protocol::rows_path(&self.signer.tenant);
-        let size = body.len();
+        let size = body.iter().map(Bytes::len).sum();
         let (_, reply) = self.post_retrying_as(&path, body, content_type).await?;
         if reply.status == 409 {
             if let Ok(err) = serde_json::from_slice::<ErrorBody>(&reply.bytes) {
@@ -164,24 +165,27 @@ impl PartnerClient {
     /// Posts with retries; returns the claims of the attempt that answered
     /// (the Authenticate answer is checked against them) and its answer.
     async fn post_retrying(&self, path: &str, body: Vec<u8>) -> Result<(Claims, Answer), AgentError> {
-        self.post_retrying_as(path, body, "application/json").await
+        self.post_retrying_as(path, vec![body.into()], "application/json").await
     }
 
+    /// The body comes in parts (a COPY batch's header and rows) so that the
+    /// rows are sent from the buffer they were read into.
     async fn post_retrying_as(
         &self,
         path: &str,
-        body: Vec<u8>,
+        body: Vec<Bytes>,
         content_type: &'static str,
     ) -> Result<(Claims, Answer), AgentError> {
-        let body = bytes::Bytes::from(body);
+        let digest = auth::body_digest_parts(&body.iter().map(|b| &b[..]).collect::<Vec<_>>());
+        let len: usize = body.iter().map(Bytes::len).sum();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            self.limits.before_request(body.len()).await;
+            self.limits.before_request(len).await;
             // A fresh token per attempt: each one has its own nonce and time.
-            let (claims, header) = self.signer.authorize("POST", path, &body);
-            // `Bytes` clones share the buffer: a retry does not copy the batch.
-            let result = self.post_once(path, body.clone(), header, content_type).await;
+            let (claims, header) = self.signer.authorize_digest("POST", path, digest.clone());
+            // `Bytes` clones share the buffers: a retry does not copy the batch.
+            let result = self.post_once(path, body.clone(), len, header, content_type).await;
             let delay = match &result {
                 Err(e) if e.is_retryable() => Some(backoff(attempt)),
                 Err(_) => None,
@@ -205,16 +209,23 @@ impl PartnerClient {
     async fn post_once(
         &self,
         path: &str,
-        body: bytes::Bytes,
+        mut body: Vec<Bytes>,
+        len: usize,
         header: String,
         content_type: &'static str,
     ) -> Result<Answer, AgentError> {
         let url = format!("{}{}", self.base_url, path);
+        let body = if body.len() == 1 {
+            reqwest::Body::from(body.pop().expect("one part"))
+        } else {
+            reqwest::Body::wrap_stream(futures_util::stream::iter(body.into_iter().map(Ok::<_, std::io::Error>)))
+        };
         let resp = self
             .http
             .post(&url)
             .header(reqwest::header::AUTHORIZATION, header)
             .header(reqwest::header::CONTENT_TYPE, content_type)
+            .header(reqwest::header::CONTENT_LENGTH, len)
             .body(body)
             .send()
             .await

@@ -111,6 +111,16 @@ impl CopyBatch {
         Layout::of(&self.header.to)
     }
 
+    /// The body as two parts, the header part and the rows: sent one after
+    /// the other, the rows are never copied into a body buffer.
+    pub fn encode_parts(&self) -> [Bytes; 2] {
+        let header = serde_json::to_vec(&self.header).expect("header serializes");
+        let mut head = Vec::with_capacity(4 + header.len());
+        head.extend_from_slice(&(header.len() as u32).to_be_bytes());
+        head.extend_from_slice(&header);
+        [Bytes::from(head), self.payload.clone()]
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let header = serde_json::to_vec(&self.header).expect("header serializes");
         let mut out = Vec::with_capacity(4 + header.len() + self.payload.len());
