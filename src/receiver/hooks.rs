@@ -10,7 +10,7 @@ use super::sql::{qualified, quote_ident};
 use super::store;
 use crate::config::HookConfig;
 use crate::ids::TenantId;
-use crate::protocol::{CompletedRequest, CompletedResponse};
+use crate::protocol::{CompletedRequest, CompletedResponse, SyncMode, TableReport};
 use deadpool_postgres::Pool;
 
 /// PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
@@ -28,12 +28,16 @@ pub async fn apply(
     let mirror = tenant.mirror_schema();
     let mut done = Vec::new();
 
-    let changed: Vec<&str> = req.changed_tables();
+    let changed: Vec<&TableReport> = req.tables.iter().filter(|t| !t.counts.is_empty()).collect();
     if hooks.analyze && !changed.is_empty() {
-        let existing = store::physical_tables(&*client, &mirror).await?;
-        for name in &changed {
-            if !existing.contains(*name) {
+        let estimates = row_estimates(&*client, &mirror).await?;
+        for t in changed {
+            let name = t.name.as_str();
+            let Some(&estimate) = estimates.get(name) else {
                 done.push(report(format!("analyze {}", quote_ident(name)), Err("no such mirror table".into())));
+                continue;
+            };
+            if !worth_analyzing(t, estimate) {
                 continue;
             }
             let r = client.batch_execute(&format!("ANALYZE {}", qualified(&mirror, name))).await;
@@ -52,6 +56,37 @@ pub async fn apply(
         done.push(report(format!("sql hook {}", i + 1), r.map_err(db_message)));
     }
     Ok(CompletedResponse { hooks: done })
+}
+
+/// Share of a table's rows that must change in a cycle before the hook
+/// analyzes it: autovacuum's own default (`autovacuum_analyze_scale_factor`).
+const ANALYZE_SHARE: f64 = 0.1;
+
+/// After a full load (or reload) the table's statistics are wrong or absent
+/// and partners query it at once: analyze. A table never analyzed: analyze.
+/// A cycle of ordinary changes is analyzed only when it changed a tenth of
+/// the table; below that, ANALYZE (which samples 30,000 rows of a large
+/// table, hundreds of milliseconds) would run every cycle for statistics
+/// that barely move, and autovacuum covers the rest.
+fn worth_analyzing(t: &TableReport, estimated_rows: f64) -> bool {
+    let changed = (t.counts.inserted + t.counts.updated + t.counts.deleted) as f64;
+    t.mode == SyncMode::Full || estimated_rows < 0.0 || changed >= ANALYZE_SHARE * estimated_rows
+}
+
+/// `pg_class.reltuples` of the schema's tables (-1 when never analyzed).
+async fn row_estimates(
+    client: &tokio_postgres::Client,
+    schema: &str,
+) -> Result<std::collections::HashMap<String, f64>, ReceiverError> {
+    let rows = client
+        .query(
+            "SELECT c.relname::text, c.reltuples::float8 FROM pg_catalog.pg_class c
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relkind IN ('r', 'p')",
+            &[&schema],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// One configured statement, in its own transaction with the tenant's
