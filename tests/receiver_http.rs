@@ -1002,13 +1002,16 @@ async fn completed_records_the_report_runs_analyze_and_notifies() {
     assert_eq!(analyzed, vec!["items".to_string()], "only changed tables are analyzed");
 
     // Once analyzed, a small incremental change is left to autovacuum; a
-    // change of a tenth of the rows is analyzed again.
+    // change past autovacuum's threshold (50 + a tenth of the rows) is
+    // analyzed again.
     let small = json!({"tables": [{"name": "items", "mode": "incremental", "counts": {"inserted": 0, "updated": 0, "deleted": 0}}]});
     assert_eq!(rig.call("completed", &small).await.ok::<Json>()["hooks"], json!(["notify mirror_done: ok"]));
     client.batch_execute("UPDATE pg_catalog.pg_class SET reltuples = 1000 WHERE oid = 'mirror_acme.items'::regclass").await.unwrap();
     let some = json!({"tables": [{"name": "items", "mode": "incremental", "counts": {"inserted": 5, "updated": 10, "deleted": 0}}]});
     assert_eq!(rig.call("completed", &some).await.ok::<Json>()["hooks"], json!(["notify mirror_done: ok"]));
-    let tenth = json!({"tables": [{"name": "items", "mode": "incremental", "counts": {"inserted": 50, "updated": 40, "deleted": 10}}]});
+    let at = json!({"tables": [{"name": "items", "mode": "incremental", "counts": {"inserted": 100, "updated": 40, "deleted": 10}}]});
+    assert_eq!(rig.call("completed", &at).await.ok::<Json>()["hooks"], json!(["notify mirror_done: ok"]));
+    let tenth = json!({"tables": [{"name": "items", "mode": "incremental", "counts": {"inserted": 100, "updated": 40, "deleted": 11}}]});
     assert_eq!(rig.call("completed", &tenth).await.ok::<Json>()["hooks"], json!(["analyze \"items\": ok", "notify mirror_done: ok"]));
 
     let payload =

@@ -58,19 +58,21 @@ pub async fn apply(
     Ok(CompletedResponse { hooks: done })
 }
 
-/// Share of a table's rows that must change in a cycle before the hook
-/// analyzes it: autovacuum's own default (`autovacuum_analyze_scale_factor`).
+/// How many rows must change in a cycle before the hook analyzes a table:
+/// autovacuum's own defaults (`autovacuum_analyze_threshold` plus
+/// `autovacuum_analyze_scale_factor` of the rows).
+const ANALYZE_THRESHOLD: f64 = 50.0;
 const ANALYZE_SHARE: f64 = 0.1;
 
 /// After a full load (or reload) the table's statistics are wrong or absent
 /// and partners query it at once: analyze. A table never analyzed: analyze.
-/// A cycle of ordinary changes is analyzed only when it changed a tenth of
-/// the table; below that, ANALYZE (which samples 30,000 rows of a large
+/// A cycle of ordinary changes is analyzed only when it changed more than
+/// autovacuum's threshold (50 rows and a tenth of the table); below that, ANALYZE (which samples 30,000 rows of a large
 /// table, hundreds of milliseconds) would run every cycle for statistics
 /// that barely move, and autovacuum covers the rest.
 fn worth_analyzing(t: &TableReport, estimated_rows: f64) -> bool {
     let changed = (t.counts.inserted + t.counts.updated + t.counts.deleted) as f64;
-    t.mode == SyncMode::Full || estimated_rows < 0.0 || changed >= ANALYZE_SHARE * estimated_rows
+    t.mode == SyncMode::Full || estimated_rows < 0.0 || changed > ANALYZE_THRESHOLD + ANALYZE_SHARE * estimated_rows
 }
 
 /// `pg_class.reltuples` of the schema's tables (-1 when never analyzed).
