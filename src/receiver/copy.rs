@@ -86,8 +86,8 @@ pub async fn write(
     }
     let stage = Stage::new(target, schema);
     stage.load(tx, rows).await?;
-    stage.check(tx, rows).await?;
-    stage.apply(tx, None).await.map_err(WriteError::from)
+    let mix = stage.check(tx, rows).await?;
+    stage.apply(tx, None, mix).await.map_err(WriteError::from)
 }
 
 /// Sends the payload (framed as a whole binary COPY stream when binary);
@@ -212,9 +212,9 @@ impl<'a> Stage<'a> {
     /// What the database cannot see from the table's constraints: versions
     /// past the batch's cursor, changes without a version, deleted keys
     /// with a NULL, and a key both deleted and upserted in one batch.
-    async fn check(&self, tx: &Transaction<'_>, rows: &Rows) -> Result<(), WriteError> {
+    async fn check(&self, tx: &Transaction<'_>, rows: &Rows) -> Result<Mix, WriteError> {
         if rows.layout == Layout::Rows {
-            return Ok(());
+            return Ok(Mix { deletes: false, upserts: true });
         }
         let null_key = self
             .schema
@@ -226,13 +226,14 @@ impl<'a> Stage<'a> {
         let sql = format!(
             "SELECT max(ctm_version), coalesce(bool_or(ctm_version IS NULL), false), \
                     coalesce(bool_or(ctm_deleted AND ({null_key})), false), \
-                    count(*) FILTER (WHERE ctm_deleted) > 0 AND count(*) FILTER (WHERE NOT ctm_deleted) > 0 \
+                    count(*) FILTER (WHERE ctm_deleted) > 0, count(*) FILTER (WHERE NOT ctm_deleted) > 0 \
                FROM {}",
             self.table()
         );
         let row = tx.query_one(&sql, &[]).await?;
-        let (max, null_version, null_key, mixed): (Option<i64>, bool, bool, bool) =
-            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let (max, null_version, null_key): (Option<i64>, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        let mix = Mix { deletes: row.get(3), upserts: row.get(4) };
+        let mixed = mix.deletes && mix.upserts;
         let refuse = |m: String| Err(WriteError::Refused(ReceiverError::bad_request(m)));
         if null_version {
             return refuse("a change in the batch has no version".into());
@@ -259,7 +260,7 @@ impl<'a> Stage<'a> {
                 ));
             }
         }
-        Ok(())
+        Ok(mix)
     }
 
     /// Key equality between two aliases of the staging table.
@@ -341,20 +342,35 @@ impl<'a> Stage<'a> {
     }
 
     /// Deletes, then upserts, the staged rows (only the one at `ctid` when
-    /// given).
-    async fn apply(&self, tx: &impl GenericClient, ctid: Option<&str>) -> Result<ChangeCounts, tokio_postgres::Error> {
+    /// given); a statement with nothing to do is not run.
+    async fn apply(
+        &self,
+        tx: &impl GenericClient,
+        ctid: Option<&str>,
+        mix: Mix,
+    ) -> Result<ChangeCounts, tokio_postgres::Error> {
         let only = if ctid.is_some() { " AND s.ctid = $1::text::tid" } else { "" };
         let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = match &ctid {
             Some(c) => vec![c],
             None => vec![],
         };
-        let deleted = tx.execute(&self.delete_sql(only), &params).await?;
+        let deleted = if mix.deletes { tx.execute(&self.delete_sql(only), &params).await? } else { 0 };
+        if !mix.upserts {
+            return Ok(ChangeCounts { deleted, ..ChangeCounts::default() });
+        }
         let row = tx.query_one(&self.upsert_sql(only), &params).await?;
         let (inserted, upserts): (i64, i64) = (row.get(0), row.get(1));
         // With DO NOTHING an existing row returns nothing; it was upserted
         // to the values it already had, which counts as an update.
         Ok(ChangeCounts { inserted: inserted as u64, updated: (upserts - inserted) as u64, deleted })
     }
+}
+
+/// Which kinds of rows a staged batch holds.
+#[derive(Debug, Clone, Copy)]
+struct Mix {
+    deletes: bool,
+    upserts: bool,
 }
 
 /// Rows tried one by one at most, to name the row PostgreSQL refused.
@@ -383,7 +399,7 @@ pub async fn locate(
     for row in &staged {
         let ctid: String = row.get(0);
         let sp = tx.transaction().await.ok()?;
-        if let Err(e) = stage.apply(&sp, Some(&ctid)).await {
+        if let Err(e) = stage.apply(&sp, Some(&ctid), Mix { deletes: true, upserts: true }).await {
             let key = stage.key_of(row, 1);
             let e = ReceiverError::from(e);
             return Some(
