@@ -669,7 +669,8 @@ impl Bench {
                 ),
             )
             .await?;
-            let expected = if table == TrackedTable::Tracked { 4 } else { 0 };
+            // insert, update, update_key (row-level, key changes only), delete, truncate
+            let expected = if table == TrackedTable::Tracked { 5 } else { 0 };
             if triggers != expected {
                 return Err(format!("{} has {triggers} triggers, expected {expected}", table.name()));
             }

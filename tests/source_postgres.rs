@@ -161,7 +161,8 @@ async fn enabling_is_idempotent_and_installs_into_ctmirror_ct() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(functions, 4);
+    // insert, update, update_key (row-level, key changes), delete, truncate
+    assert_eq!(functions, 5);
     let min_valid = source.min_valid_version(&table("t")).await.unwrap();
     let enabled: i64 =
         client.query_one("SELECT enabled_version FROM ctmirror_ct.tracked", &[]).await.unwrap().get(0);
@@ -376,18 +377,25 @@ async fn triggers_are_statement_level_and_a_20k_row_update_yields_20k_changes() 
                INSERT INTO big SELECT g, 'x' FROM generate_series(1, 20000) g";
     let (_db, mut client, mut source) = setup("statement_level", ddl).await;
     let schema = track(&mut source, &table("big"), &["id", "v"]).await;
-    let tgtypes: Vec<i16> = client
+    let triggers: Vec<(String, i16, bool)> = client
         .query(
-            "SELECT tgtype FROM pg_trigger WHERE tgrelid = 'big'::regclass AND tgname LIKE 'ctmirror%'",
+            "SELECT tgname::text, tgtype, tgqual IS NOT NULL FROM pg_trigger
+              WHERE tgrelid = 'big'::regclass AND tgname LIKE 'ctmirror%' ORDER BY tgname",
             &[],
         )
         .await
         .unwrap()
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    assert_eq!(tgtypes.len(), 4);
-    assert!(tgtypes.iter().all(|t| t & 1 == 0), "a row-level trigger: {tgtypes:?}");
+    assert_eq!(triggers.len(), 5);
+    // Every trigger that carries rows is statement-level; the one row-level
+    // trigger only fires (WHEN) for rows whose key changed.
+    for (name, tgtype, when) in &triggers {
+        let row_level = tgtype & 1 == 1;
+        assert_eq!(row_level, name == "ctmirror_ct_update_key", "{triggers:?}");
+        assert_eq!(*when, row_level, "{triggers:?}");
+    }
 
     let from = source.min_valid_version(&table("big")).await.unwrap();
     let version = write(&mut client, "UPDATE big SET v = 'y'").await;
@@ -926,4 +934,280 @@ async fn survey_reports_every_tables_min_valid_version_and_which_have_changes() 
     // Past the change, nothing waits.
     let s = source.survey(&[(b.clone(), Some(upper))], upper).await.unwrap();
     assert!(!s[0].may_have_changes);
+}
+
+/// The capture functions and triggers as ctmirror installed them before the
+/// UPDATE trigger was split (two statements with EXCEPT and DISTINCT, a
+/// fixed search path, OLD and NEW transition tables), for table `t (id
+/// int PRIMARY KEY, ...)` whose oid is `oid`.
+fn first_generation_sql(oid: u32) -> String {
+    let upsert = |source: &str, deleted: bool| {
+        format!(
+            "INSERT INTO \"ctmirror_ct\".\"changes_{oid}\" AS s (\"id\", \"ctmirror_version\", \"ctmirror_deleted\") \
+             SELECT c.\"id\", pg_catalog.pg_current_xact_id()::text::bigint, {deleted} FROM ({source}) AS c \
+             ON CONFLICT (\"id\") DO UPDATE SET \"ctmirror_version\" = EXCLUDED.\"ctmirror_version\", \
+             \"ctmirror_deleted\" = EXCLUDED.\"ctmirror_deleted\";"
+        )
+    };
+    let function = |event: &str, body: String| {
+        format!(
+            "CREATE OR REPLACE FUNCTION \"ctmirror_ct\".\"capture_{oid}_{event}\"() RETURNS trigger \
+             LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+             #variable_conflict use_column
+             BEGIN {body} RETURN NULL; END $f$;"
+        )
+    };
+    let trigger = |event: &str, timing: &str, referencing: &str| {
+        format!(
+            "CREATE TRIGGER \"ctmirror_ct_{event}\" {timing} ON \"public\".\"t\"{referencing} FOR EACH STATEMENT \
+             EXECUTE FUNCTION \"ctmirror_ct\".\"capture_{oid}_{event}\"();
+             ALTER TABLE \"public\".\"t\" ENABLE ALWAYS TRIGGER \"ctmirror_ct_{event}\";"
+        )
+    };
+    [
+        function("insert", upsert("SELECT DISTINCT r.\"id\" FROM ctmirror_new AS r", false)),
+        trigger("insert", "AFTER INSERT", " REFERENCING NEW TABLE AS ctmirror_new"),
+        function(
+            "update",
+            upsert("SELECT o.\"id\" FROM ctmirror_old AS o EXCEPT SELECT n.\"id\" FROM ctmirror_new AS n", true)
+                + &upsert("SELECT DISTINCT r.\"id\" FROM ctmirror_new AS r", false),
+        ),
+        trigger("update", "AFTER UPDATE", " REFERENCING OLD TABLE AS ctmirror_old NEW TABLE AS ctmirror_new"),
+        function("delete", upsert("SELECT DISTINCT r.\"id\" FROM ctmirror_old AS r", true)),
+        trigger("delete", "AFTER DELETE", " REFERENCING OLD TABLE AS ctmirror_old"),
+        function("truncate", upsert("SELECT t.\"id\" FROM \"public\".\"t\" AS t", true)),
+        trigger("truncate", "BEFORE TRUNCATE", ""),
+    ]
+    .join("\n")
+}
+
+/// The names of the user-level triggers on a table, sorted.
+async fn capture_triggers(client: &Client, name: &str) -> Vec<String> {
+    client
+        .query(
+            "SELECT tgname::text FROM pg_trigger WHERE tgrelid = $1::text::regclass AND NOT tgisinternal ORDER BY 1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn trigger_oids(client: &Client, name: &str) -> Vec<u32> {
+    client
+        .query("SELECT oid FROM pg_trigger WHERE tgrelid = $1::text::regclass ORDER BY oid", &[&name])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_first_generation_installation_is_upgraded_in_place_without_losing_a_change() {
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a'), (2, 'b')";
+    let (db, mut client, mut source) = setup("upgrade", ddl).await;
+    let schema = track(&mut source, &table("t"), &["id", "v"]).await;
+    let from = source.min_valid_version(&table("t")).await.unwrap();
+    // Turn the installation into one made by the first release: its
+    // triggers and functions, and a registry without fingerprints.
+    let oid = oid(&client, "t").await;
+    client
+        .batch_execute(&format!(
+            "DROP TRIGGER ctmirror_ct_update_key ON t; DROP FUNCTION ctmirror_ct.capture_{oid}_update_key();
+             DROP TRIGGER ctmirror_ct_insert ON t; DROP TRIGGER ctmirror_ct_update ON t;
+             DROP TRIGGER ctmirror_ct_delete ON t; DROP TRIGGER ctmirror_ct_truncate ON t;
+             {}
+             ALTER TABLE ctmirror_ct.tracked DROP COLUMN capture_fingerprint;",
+            first_generation_sql(oid)
+        ))
+        .await
+        .unwrap();
+    assert_eq!(capture_triggers(&client, "t").await.len(), 4);
+    // A change captured by the old triggers, before the upgrade.
+    let moved_first = write(&mut client, "UPDATE t SET id = 3 WHERE id = 1").await;
+    // A writer still open when the upgrade starts: the upgrade waits for it.
+    let mut writer = support::connect(&db.url).await;
+    let open = writer.transaction().await.unwrap();
+    open.batch_execute("UPDATE t SET v = 'b2' WHERE id = 2").await.unwrap();
+    let open_version: i64 =
+        open.query_one("SELECT pg_current_xact_id()::text::bigint", &[]).await.unwrap().get(0);
+    let url = db.url.clone();
+    let upgrade = tokio::spawn(async move {
+        // A new agent: it also adds the registry's fingerprint column.
+        let mut agent = PostgresSource::connect(&url, HOUR).await.unwrap();
+        agent.ensure_tracking(&table("t")).await.unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!upgrade.is_finished(), "the upgrade must wait for the open writer");
+    open.commit().await.unwrap();
+    assert!(!upgrade.await.unwrap().newly_enabled, "an upgrade is not a reload");
+
+    assert_eq!(
+        capture_triggers(&client, "t").await,
+        vec![
+            "ctmirror_ct_delete",
+            "ctmirror_ct_insert",
+            "ctmirror_ct_truncate",
+            "ctmirror_ct_update",
+            "ctmirror_ct_update_key"
+        ]
+    );
+    let fixed_search_path: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = 'ctmirror_ct' AND p.proconfig IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(fixed_search_path, 0, "first-generation functions remain");
+    // Changes from before and after the upgrade, and a key change through
+    // the new row-level trigger.
+    let moved_again = write(&mut client, "UPDATE t SET id = 4 WHERE id = 3").await;
+    let changes = drain_changes(&mut source, &client, &schema, from, 100).await;
+    assert_eq!(
+        changes.iter().map(|c| (c.version, c.key.clone(), c.op.clone())).collect::<Vec<_>>(),
+        vec![
+            (Version(moved_first), Key(vec![int(1)]), RowOp::Delete),
+            (Version(open_version), Key(vec![int(2)]), RowOp::Upsert(vec![int(2), text("b2")])),
+            (Version(moved_again), Key(vec![int(3)]), RowOp::Delete),
+            (Version(moved_again), Key(vec![int(4)]), RowOp::Upsert(vec![int(4), text("a")])),
+        ]
+    );
+    // Upgraded once: the next call leaves the triggers alone.
+    let before = trigger_oids(&client, "t").await;
+    assert!(!source.ensure_tracking(&table("t")).await.unwrap().newly_enabled);
+    assert_eq!(trigger_oids(&client, "t").await, before);
+}
+
+#[tokio::test]
+async fn a_key_changed_by_a_before_trigger_marks_the_old_key_deleted() {
+    // The UPDATE never names the key; the application's trigger moves it.
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a'), (2, 'b');
+               CREATE FUNCTION move_key() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN IF NEW.v = 'move' THEN NEW.id := NEW.id + 100; END IF; RETURN NEW; END $$;
+               CREATE TRIGGER move_key BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION move_key()";
+    let (_db, mut client, mut source) = setup("before_trigger_key", ddl).await;
+    let schema = track(&mut source, &table("t"), &["id", "v"]).await;
+    let from = source.min_valid_version(&table("t")).await.unwrap();
+    let v = write(&mut client, "UPDATE t SET v = 'move'").await;
+    let changes = drain_changes(&mut source, &client, &schema, from, 100).await;
+    assert_eq!(
+        changes,
+        vec![
+            ChangeRow { version: Version(v), key: Key(vec![int(1)]), op: RowOp::Delete },
+            ChangeRow { version: Version(v), key: Key(vec![int(2)]), op: RowOp::Delete },
+            ChangeRow {
+                version: Version(v),
+                key: Key(vec![int(101)]),
+                op: RowOp::Upsert(vec![int(101), text("move")])
+            },
+            ChangeRow {
+                version: Version(v),
+                key: Key(vec![int(102)]),
+                op: RowOp::Upsert(vec![int(102), text("move")])
+            },
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_deferred_primary_key_may_hold_duplicates_until_commit() {
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a'), (2, 'b')";
+    let (_db, mut client, mut source) = setup("deferred_key", ddl).await;
+    let schema = track(&mut source, &table("t"), &["id", "v"]).await;
+    let from = source.min_valid_version(&table("t")).await.unwrap();
+    // Made deferrable after tracking began: the capture is upgraded in
+    // place, nothing reloads.
+    client
+        .batch_execute("ALTER TABLE t DROP CONSTRAINT t_pkey, ADD PRIMARY KEY (id) DEFERRABLE INITIALLY DEFERRED")
+        .await
+        .unwrap();
+    let before = trigger_oids(&client, "t").await;
+    assert!(!source.ensure_tracking(&table("t")).await.unwrap().newly_enabled);
+    assert_ne!(trigger_oids(&client, "t").await, before, "the capture was not upgraded");
+    // Statements leave a key twice in their transition tables (an error
+    // in ON CONFLICT without DISTINCT); the transaction repairs it before
+    // commit. Taking one of two rows off a key marks the key deleted
+    // although the other row still holds it, so the survivors are written
+    // once more at the end.
+    let v = write(
+        &mut client,
+        "UPDATE t SET id = 1; UPDATE t SET id = 2 WHERE v = 'b';
+         INSERT INTO t VALUES (3, 'x'), (3, 'y'); DELETE FROM t WHERE v = 'y';
+         INSERT INTO t VALUES (4, 'p'), (4, 'q'); DELETE FROM t WHERE id = 4;
+         UPDATE t SET v = v WHERE id IN (1, 3)",
+    )
+    .await;
+    let changes = drain_changes(&mut source, &client, &schema, from, 100).await;
+    assert_eq!(
+        changes.iter().map(|c| (c.version, c.key.clone(), c.op.clone())).collect::<Vec<_>>(),
+        vec![
+            (Version(v), Key(vec![int(1)]), RowOp::Upsert(vec![int(1), text("a")])),
+            (Version(v), Key(vec![int(2)]), RowOp::Upsert(vec![int(2), text("b")])),
+            (Version(v), Key(vec![int(3)]), RowOp::Upsert(vec![int(3), text("x")])),
+            (Version(v), Key(vec![int(4)]), RowOp::Delete),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_writers_search_path_cannot_redirect_the_capture() {
+    // Look-alikes of everything a capture function could name unqualified.
+    let ddl = r#"CREATE TABLE t (id int PRIMARY KEY, v text); CREATE SCHEMA evil;
+        CREATE FUNCTION evil.txid_current() RETURNS bigint LANGUAGE sql AS 'SELECT 0::bigint';
+        CREATE FUNCTION evil.format(text, name, name) RETURNS text LANGUAGE sql AS $$SELECT 'SELECT 1'$$;
+        CREATE TYPE evil.text AS ENUM ('x'); CREATE TYPE evil.int8 AS ENUM ('x');
+        CREATE TABLE evil.ctmirror_ct (id int)"#;
+    let (db, client, mut source) = setup("search_path", ddl).await;
+    let schema = track(&mut source, &table("t"), &["id", "v"]).await;
+    let from = source.min_valid_version(&table("t")).await.unwrap();
+    // The writer's session compiles the capture functions under this path
+    // (where even `write`'s `::text` would mean evil.text).
+    let mut writer = support::connect(&db.url).await;
+    writer.batch_execute("SET search_path = evil, pg_catalog, public").await.unwrap();
+    let mut hostile_write = async |sql: &str| -> i64 {
+        let tx = writer.transaction().await.unwrap();
+        tx.batch_execute(sql).await.unwrap();
+        let v = tx
+            .query_one("SELECT pg_catalog.pg_current_xact_id()::pg_catalog.text::pg_catalog.int8", &[])
+            .await
+            .unwrap()
+            .get(0);
+        tx.commit().await.unwrap();
+        v
+    };
+    let v = hostile_write("INSERT INTO t VALUES (1, 'a'), (2, 'b'); UPDATE t SET id = 3 WHERE id = 2").await;
+    let changes = drain_changes(&mut source, &client, &schema, from, 100).await;
+    assert_eq!(changes.len(), 3, "{changes:?}");
+    assert!(changes.iter().all(|c| c.version == Version(v)), "{changes:?}");
+    let truncated = hostile_write("TRUNCATE t").await;
+    let changes = drain_changes(&mut source, &client, &schema, Version(v), 100).await;
+    assert_eq!(
+        changes.iter().map(|c| (c.version, c.op.clone())).collect::<Vec<_>>(),
+        vec![(Version(truncated), RowOp::Delete), (Version(truncated), RowOp::Delete)]
+    );
+}
+
+#[tokio::test]
+async fn truncate_of_a_renamed_table_is_captured_without_reinstalling() {
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2)";
+    let (_db, mut client, mut source) = setup("rename_truncate", ddl).await;
+    track(&mut source, &table("t"), &["id"]).await;
+    let from = source.min_valid_version(&table("t")).await.unwrap();
+    let before = trigger_oids(&client, "t").await;
+    // Renamed between two cycles: the capture keeps working before the next.
+    let v = write(&mut client, "ALTER TABLE t RENAME TO \"T 2\"; TRUNCATE \"T 2\"").await;
+    assert!(!source.ensure_tracking(&table("T 2")).await.unwrap().newly_enabled);
+    assert_eq!(trigger_oids(&client, "\"T 2\"").await, before);
+    let schema = source.read_schema(&table("T 2"), &cols(&["id"])).await.unwrap();
+    let changes = drain_changes(&mut source, &client, &schema, from, 100).await;
+    assert_eq!(
+        changes.iter().map(|c| (c.version, c.op.clone())).collect::<Vec<_>>(),
+        vec![(Version(v), RowOp::Delete), (Version(v), RowOp::Delete)]
+    );
 }

@@ -14,6 +14,8 @@ pub(crate) struct TableRef {
     pub oid: u32,
     pub schema: String,
     pub name: String,
+    /// A partitioned table (relkind `p`), tracked through its parent.
+    pub partitioned: bool,
 }
 
 impl TableRef {
@@ -64,7 +66,12 @@ pub(crate) async fn find_table<C: GenericClient + Sync>(
             "{shown} is not a table (relkind {relkind}); only tables can be change-tracked"
         )));
     }
-    Ok(TableRef { oid, schema: schema_of(table).to_owned(), name: table.name.clone() })
+    Ok(TableRef {
+        oid,
+        schema: schema_of(table).to_owned(),
+        name: table.name.clone(),
+        partitioned: relkind == "p",
+    })
 }
 
 /// A primary-key column as the side table must copy it.
@@ -117,6 +124,24 @@ pub(crate) async fn primary_key<C: GenericClient + Sync>(
         })
         .collect::<Result<Vec<_>, tokio_postgres::Error>>()
         .map_err(|e| pg_error(e, &doing, ""))
+}
+
+/// Whether the primary key's uniqueness check can wait for the end of the
+/// statement or transaction (DEFERRABLE): then a statement can leave a key
+/// twice in the table, and in its transition tables.
+pub(crate) async fn primary_key_is_deferrable<C: GenericClient + Sync>(
+    client: &C,
+    stmts: &Statements,
+    table: &TableRef,
+) -> Result<bool, SourceError> {
+    const SQL: &str = "SELECT NOT i.indimmediate FROM pg_catalog.pg_index i WHERE i.indrelid = $1 AND i.indisprimary";
+    let doing = format!("reading the primary key of table {}", table.display());
+    let statement = stmts.get(client, SQL).await.map_err(|e| pg_error(e, &doing, ""))?;
+    let row = client.query_opt(&statement, &[&table.oid]).await.map_err(|e| pg_error(e, &doing, ""))?;
+    match row {
+        Some(r) => r.try_get(0).map_err(|e| pg_error(e, &doing, "")),
+        None => Err(no_primary_key(table)),
+    }
 }
 
 /// The error for a table without a primary key.

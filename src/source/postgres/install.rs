@@ -22,8 +22,20 @@ CREATE TABLE IF NOT EXISTS ctmirror_ct.tracked (
     side_table text NOT NULL,
     enabled_version bigint NOT NULL,
     min_valid_version bigint NOT NULL,
-    enabled_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+    enabled_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    capture_fingerprint text
 );
+-- Registries made before capture fingerprints existed. Checked first, so a
+-- role that does not own the table can still run this once it is there.
+DO $ctmirror$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute
+                    WHERE attrelid = 'ctmirror_ct.tracked'::pg_catalog.regclass
+                      AND attname = 'capture_fingerprint' AND NOT attisdropped) THEN
+        ALTER TABLE ctmirror_ct.tracked ADD COLUMN capture_fingerprint text;
+    END IF;
+END
+$ctmirror$;
 CREATE TABLE IF NOT EXISTS ctmirror_ct.installation (
     id uuid PRIMARY KEY DEFAULT pg_catalog.gen_random_uuid(),
     installed_at timestamptz NOT NULL DEFAULT pg_catalog.now()

@@ -4,8 +4,9 @@
 //! Everything lives in the tenant database's `ctmirror_ct` schema: a
 //! registry of tracked tables, one side table per tracked table holding one
 //! row per changed primary key (the version of its latest change and
-//! whether the key is gone), statement-level capture triggers, and a clock
-//! of versions for retention.
+//! whether the key is gone), capture triggers (statement-level, plus a
+//! row-level one for primary-key changes), and a clock of versions for
+//! retention.
 //!
 //! A version is the writing transaction's 64-bit id (`pg_current_xact_id`).
 //! Transaction ids are assigned when a transaction starts writing, not when

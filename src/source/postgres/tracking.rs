@@ -1,12 +1,14 @@
 //! Turning change tracking on for a table, and the registry reads that
 //! depend on it (min valid version, the side table of a tracked table).
 
-use super::catalog::{display, find_table, no_primary_key, primary_key, schema_of, KeyColumn, TableRef};
+use super::catalog::{
+    display, find_table, no_primary_key, primary_key, primary_key_is_deferrable, schema_of, KeyColumn, TableRef,
+};
 use super::statements::Statements;
 use super::errors::pg_error;
 use super::install::INSTALL_LOCK;
 use super::sql::{quote_ident, DELETED_COL, VERSION_COL};
-use super::triggers::{drop_sql, install_sql, side_table_name, TRIGGERS};
+use super::triggers::{drop_sql, side_table_name, Capture, Trigger};
 use crate::protocol::Version;
 use crate::source::{SourceError, SourceTable, TrackingState};
 use tokio_postgres::{Client, GenericClient, Transaction};
@@ -14,7 +16,10 @@ use tokio_postgres::{Client, GenericClient, Transaction};
 /// Enables tracking (idempotent). An already tracked table whose side table
 /// no longer matches its primary key, or whose triggers were dropped or
 /// disabled, has missed changes: it is reinstalled and reported as newly
-/// enabled so the agent reloads it.
+/// enabled so the agent reloads it. A healthy table whose capture was
+/// installed by an older version of ctmirror (or before its key became
+/// deferrable) gets the current functions and triggers in place, in this
+/// transaction, keeping its side table: nothing was missed, nothing reloads.
 pub(crate) async fn ensure_tracking(
     client: &mut Client,
     stmts: &Statements,
@@ -45,18 +50,39 @@ pub(crate) async fn ensure_tracking(
             k.name
         )));
     }
+    let deferrable = primary_key_is_deferrable(&tx, stmts, &tref).await?;
+    let capture = Capture { table: &tref, key: &key, deferrable };
+    let fingerprint = capture.fingerprint();
     let registered = tx
-        .query_opt("SELECT side_table FROM ctmirror_ct.tracked WHERE table_oid = $1", &[&tref.oid])
+        .query_opt(
+            "SELECT side_table, capture_fingerprint FROM ctmirror_ct.tracked WHERE table_oid = $1",
+            &[&tref.oid],
+        )
         .await
         .map_err(err)?;
     if let Some(row) = registered {
         let side: String = row.try_get(0).map_err(err)?;
-        if is_healthy(&tx, &tref, &side, &key).await.map_err(err)? {
+        let installed: Option<String> = row.try_get(1).map_err(err)?;
+        let current = installed.as_deref() == Some(fingerprint.as_str());
+        // An installation from before fingerprints is judged by the triggers
+        // it had; it lacks the row-level key trigger.
+        let expected = match installed {
+            None => Trigger::FIRST_GENERATION.to_vec(),
+            Some(_) => capture.triggers(),
+        };
+        if is_healthy(&tx, &tref, &side, &key, &expected).await.map_err(err)? {
+            if !current {
+                for statement in capture.upgrade_sql() {
+                    tx.batch_execute(&statement).await.map_err(err)?;
+                }
+                tracing::info!(table = %shown, "upgraded the change-tracking triggers to this version's");
+            }
             // A renamed table keeps its oid, side table and triggers.
             tx.execute(
-                "UPDATE ctmirror_ct.tracked SET schema_name = $2, table_name = $3
-                  WHERE table_oid = $1 AND (schema_name, table_name) IS DISTINCT FROM ($2, $3)",
-                &[&tref.oid, &tref.schema, &tref.name],
+                "UPDATE ctmirror_ct.tracked SET schema_name = $2, table_name = $3, capture_fingerprint = $4
+                  WHERE table_oid = $1
+                    AND (schema_name, table_name, capture_fingerprint) IS DISTINCT FROM ($2, $3, $4)",
+                &[&tref.oid, &tref.schema, &tref.name, &fingerprint],
             )
             .await
             .map_err(err)?;
@@ -74,12 +100,16 @@ pub(crate) async fn ensure_tracking(
     // Our triggers on a table we do not know are leftovers: a restore from
     // a dump recreates the table (a new oid) with triggers that still feed
     // the old side table. They are replaced.
-    for (trigger, _) in TRIGGERS {
-        tx.batch_execute(&format!("DROP TRIGGER IF EXISTS {} ON {}", quote_ident(trigger), tref.sql_name()))
-            .await
-            .map_err(err)?;
+    for trigger in Trigger::ALL {
+        tx.batch_execute(&format!(
+            "DROP TRIGGER IF EXISTS {} ON {}",
+            quote_ident(&trigger.name()),
+            tref.sql_name()
+        ))
+        .await
+        .map_err(err)?;
     }
-    for statement in install_sql(&tref, &key) {
+    for statement in capture.install_sql() {
         tx.batch_execute(&statement).await.map_err(err)?;
     }
     // The first valid version is the readable version (oldest running xid
@@ -93,10 +123,11 @@ pub(crate) async fn ensure_tracking(
     // xmin down), and the load would look expired.
     tx.execute(
         "INSERT INTO ctmirror_ct.tracked
-                (table_oid, schema_name, table_name, side_table, enabled_version, min_valid_version)
-         SELECT $1, $2, $3, $4, v, v
+                (table_oid, schema_name, table_name, side_table, enabled_version, min_valid_version,
+                 capture_fingerprint)
+         SELECT $1, $2, $3, $4, v, v, $5
            FROM (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint - 1 AS v) AS x",
-        &[&tref.oid, &tref.schema, &tref.name, &side_table_name(tref.oid)],
+        &[&tref.oid, &tref.schema, &tref.name, &side_table_name(tref.oid), &fingerprint],
     )
     .await
     .map_err(err)?;
@@ -104,18 +135,28 @@ pub(crate) async fn ensure_tracking(
     Ok(TrackingState { newly_enabled: true })
 }
 
-/// The common case in one query, without a transaction or the install
-/// lock: the table is registered under its current name, its side table's
-/// key equals its primary key and all triggers fire. Anything else (or any
-/// error) answers `false` and the full check under the lock decides.
+/// The common case in a few prepared queries, without a transaction or the
+/// install lock: the table is registered under its current name with this
+/// version's capture (same fingerprint), its side table's key equals its
+/// primary key and all its triggers fire. Anything else (or any error)
+/// answers `false` and the full check under the lock decides (and upgrades
+/// or reinstalls).
 async fn is_tracked_and_healthy(client: &Client, stmts: &Statements, table: &SourceTable) -> bool {
+    let Ok(tref) = find_table(client, stmts, table).await else { return false };
+    let Ok(key) = primary_key(client, stmts, &tref).await else { return false };
+    if key.is_empty() {
+        return false;
+    }
+    let Ok(deferrable) = primary_key_is_deferrable(client, stmts, &tref).await else { return false };
+    let capture = Capture { table: &tref, key: &key, deferrable };
     const SQL: &str = "
         WITH t AS (
             SELECT c.oid, r.side_table, (r.schema_name, r.table_name) = ($1::text, $2::text) AS same_name
               FROM pg_catalog.pg_class c
               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
               JOIN ctmirror_ct.tracked r ON r.table_oid = c.oid
-             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p'))
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
+               AND r.capture_fingerprint = $6)
         SELECT t.same_name
            AND (SELECT count(*) FROM pg_catalog.pg_trigger
                  WHERE tgrelid = t.oid AND tgname::text = ANY($3::text[]) AND tgenabled::text IN ('O', 'A'))
@@ -135,23 +176,27 @@ async fn is_tracked_and_healthy(client: &Client, stmts: &Statements, table: &Sou
                       WHERE i.indrelid = t.oid AND i.indisprimary
                       ORDER BY k.ord)
           FROM t";
-    let names: Vec<&str> = TRIGGERS.iter().map(|(n, _)| *n).collect();
+    let names: Vec<String> = capture.triggers().iter().map(|t| t.name()).collect();
+    let fingerprint = capture.fingerprint();
     let Ok(statement) = stmts.get(client, SQL).await else { return false };
     let schema = schema_of(table);
-    match client.query_opt(&statement, &[&schema, &table.name, &names, &VERSION_COL, &DELETED_COL]).await {
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+        [&schema, &table.name, &names, &VERSION_COL, &DELETED_COL, &fingerprint];
+    match client.query_opt(&statement, &params).await {
         Ok(Some(row)) => row.try_get::<_, Option<bool>>(0).ok().flatten().unwrap_or(false),
         _ => false,
     }
 }
 
 /// Whether the side table's key columns still equal the table's primary key
-/// (names, types, typmods, collations, order) and all four triggers exist
-/// and fire.
+/// (names, types, typmods, collations, order) and the `expected` triggers
+/// exist and fire.
 async fn is_healthy(
     tx: &Transaction<'_>,
     table: &TableRef,
     side: &str,
     key: &[KeyColumn],
+    expected: &[Trigger],
 ) -> Result<bool, tokio_postgres::Error> {
     let rows = tx
         .query(
@@ -180,7 +225,7 @@ async fn is_healthy(
     if side_key != source_key {
         return Ok(false);
     }
-    let names: Vec<&str> = TRIGGERS.iter().map(|(n, _)| *n).collect();
+    let names: Vec<String> = expected.iter().map(|t| t.name()).collect();
     let firing: i64 = tx
         .query_one(
             "SELECT count(*) FROM pg_catalog.pg_trigger
