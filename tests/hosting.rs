@@ -388,7 +388,11 @@ async fn a_down_partner_backs_off_while_another_partner_keeps_its_cadence() {
     let mut up = control.runs(&pair("acme", "up"), 100).await.unwrap();
     up.reverse();
     assert!(up.len() >= 6, "the healthy pair kept running: {}", up.len());
-    assert!(up.iter().all(|r| r.outcome == "succeeded"), "{up:#?}");
+    // The SIGTERM may land inside the last run, which then stops at a
+    // batch boundary ("interrupted"); every earlier run succeeded.
+    let (last, earlier) = up.split_last().expect("runs");
+    assert!(earlier.iter().all(|r| r.outcome == "succeeded"), "{up:#?}");
+    assert!(matches!(last.outcome.as_str(), "succeeded" | "interrupted"), "{last:#?}");
     for w in up.windows(2) {
         let gap = (w[1].started - w[0].started).num_milliseconds();
         assert!(gap < 2_500, "the healthy pair was delayed: {gap} ms between starts");

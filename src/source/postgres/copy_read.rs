@@ -17,8 +17,8 @@
 
 use super::catalog::{display, schema_of};
 use super::errors::pg_error;
-use super::read::{key_texts, text_exprs};
-use super::sql::{column_list, qualified, quote_ident, quote_literal, CT_SCHEMA, DELETED_COL, VERSION_COL};
+use super::read::{key_texts, text_exprs, SideJoin};
+use super::sql::{column_list, qualified, quote_ident, quote_literal, DELETED_COL};
 use super::tracking::tracked;
 use crate::pgtext::from_pg_text;
 use crate::protocol::copy::{CopyFormat, Layout, TupleReader, BINARY_HEADER};
@@ -163,12 +163,7 @@ fn changes_sql(
     upper: Version,
     limit: usize,
 ) -> String {
-    let table = qualified(schema_of(&schema.table), &schema.table.name);
-    let side = qualified(CT_SCHEMA, side_table);
-    let version = format!("s.{}", quote_ident(VERSION_COL));
-    let key_names: Vec<String> = key_cols.iter().map(|c| c.column.name.clone()).collect();
-    let side_keys = column_list(Some("s"), &key_names);
-    let join = key_names.iter().map(|k| format!("t.{q} = s.{q}", q = quote_ident(k))).collect::<Vec<_>>().join(" AND ");
+    let SideJoin { table, side, version, key_names, side_keys, join } = SideJoin::new(schema, key_cols, side_table);
     let lower = match after_key {
         Some(texts) => format!("({version}, {side_keys}) > ({}::bigint, {})", after_version.0, key_literals(key_cols, texts)),
         None => format!("{version} > {}::bigint", after_version.0),

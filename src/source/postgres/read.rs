@@ -119,24 +119,48 @@ pub(crate) async fn changes_chunk(
     Ok(rows)
 }
 
+/// The names both change readers (values here, binary COPY in
+/// `copy_read`) build their query from: the source table as `t`, its side
+/// table as `s`, joined on the key.
+pub(super) struct SideJoin {
+    pub table: String,
+    pub side: String,
+    /// `s."ctmirror_version"`.
+    pub version: String,
+    pub key_names: Vec<String>,
+    /// `s."k1", s."k2"`.
+    pub side_keys: String,
+    /// `t."k1" = s."k1" AND …`.
+    pub join: String,
+}
+
+impl SideJoin {
+    pub(super) fn new(schema: &SourceSchema, key_cols: &[&SourceColumn], side_table: &str) -> SideJoin {
+        let key_names: Vec<String> = key_cols.iter().map(|c| c.column.name.clone()).collect();
+        SideJoin {
+            table: qualified(schema_of(&schema.table), &schema.table.name),
+            side: qualified(CT_SCHEMA, side_table),
+            version: format!("s.{}", quote_ident(VERSION_COL)),
+            side_keys: column_list(Some("s"), &key_names),
+            join: key_names
+                .iter()
+                .map(|k| format!("t.{q} = s.{q}", q = quote_ident(k)))
+                .collect::<Vec<_>>()
+                .join(" AND "),
+            key_names,
+        }
+    }
+}
+
 fn changes_sql(
     schema: &SourceSchema,
     key_cols: &[&SourceColumn],
     side_table: &str,
     has_after: bool,
 ) -> String {
-    let table = qualified(schema_of(&schema.table), &schema.table.name);
-    let side = qualified(CT_SCHEMA, side_table);
-    let version = format!("s.{}", quote_ident(VERSION_COL));
-    let key_names: Vec<String> = key_cols.iter().map(|c| c.column.name.clone()).collect();
-    let side_keys = column_list(Some("s"), &key_names);
+    let SideJoin { table, side, version, key_names, side_keys, join } = SideJoin::new(schema, key_cols, side_table);
     let side_key_texts = text_exprs("s", key_cols);
     let values = text_exprs("t", &schema.columns.iter().collect::<Vec<_>>());
-    let join = key_names
-        .iter()
-        .map(|k| format!("t.{q} = s.{q}", q = quote_ident(k)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
     let present = format!("t.{} IS NOT NULL", quote_ident(&key_names[0]));
     let (lower, next) = if has_after {
         (format!("({version}, {side_keys}) > ($1::bigint, {})", key_casts(key_cols, 2)), key_cols.len() + 2)
