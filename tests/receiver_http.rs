@@ -250,7 +250,7 @@ async fn bad_tokens_are_refused_with_401_and_nothing_is_written() {
         nonce: auth::new_nonce(),
         method: "POST".into(),
         path: format!("/v1/tenants/{tenant}/schema"),
-        body_sha256: auth::body_digest(body),
+        body_blake3: auth::body_digest(body),
     };
     let agent = &rig.signer.key;
     let stranger = Keypair::generate();
