@@ -121,13 +121,9 @@ impl CopyBatch {
         [Bytes::from(head), self.payload.clone()]
     }
 
+    /// The body in one buffer.
     pub fn encode(&self) -> Vec<u8> {
-        let header = serde_json::to_vec(&self.header).expect("header serializes");
-        let mut out = Vec::with_capacity(4 + header.len() + self.payload.len());
-        out.extend_from_slice(&(header.len() as u32).to_be_bytes());
-        out.extend_from_slice(&header);
-        out.extend_from_slice(&self.payload);
-        out
+        self.encode_parts().concat()
     }
 
     /// Splits a body into header and rows. The rows are not looked at here:
@@ -218,13 +214,7 @@ impl TextRows {
         self.buf.push(b'\t');
         // Key columns only: a delete's other columns are NULL whatever
         // their nullability.
-        for (i, (col, value)) in schema.columns.iter().zip(&values).enumerate() {
-            if i > 0 {
-                self.buf.push(b'\t');
-            }
-            let text = to_pg_text(value, &col.data_type).map_err(|e| format!("column {:?}: {e}", col.name))?;
-            self.push_text(text.as_deref());
-        }
+        self.push_fields(schema, &values, false)?;
         self.end_row();
         Ok(())
     }
@@ -233,12 +223,18 @@ impl TextRows {
         if values.len() != schema.columns.len() {
             return Err(format!("expected {} values, one per column, got {}", schema.columns.len(), values.len()));
         }
+        self.push_fields(schema, values, true)
+    }
+
+    /// One field per column, tab-separated; NULL in a NOT NULL column is
+    /// refused when `check_nulls`.
+    fn push_fields(&mut self, schema: &TableSchema, values: &[Value], check_nulls: bool) -> Result<(), String> {
         for (i, (col, value)) in schema.columns.iter().zip(values).enumerate() {
             if i > 0 {
                 self.buf.push(b'\t');
             }
             let text = to_pg_text(value, &col.data_type).map_err(|e| format!("column {:?}: {e}", col.name))?;
-            if text.is_none() && !col.nullable {
+            if check_nulls && text.is_none() && !col.nullable {
                 return Err(format!("column {:?} is not nullable but the value is null", col.name));
             }
             self.push_text(text.as_deref());
