@@ -6,7 +6,7 @@
 //! signature covers a role-specific prefix plus the encoded claims, so an
 //! agent token can never pass as a receiver token or the other way round.
 //!
-//! The claims already bind method, path and a BLAKE3 hash of the body, so a token
+//! The claims bind method, path and a SHA-256 hash of the body, so a token
 //! captured in transit cannot carry another body. Replay caches and answer
 //! signatures beyond Authenticate are the security issue's to add; they slot
 //! into [`Verifier::verify`].
@@ -47,8 +47,8 @@ pub struct Claims {
     pub nonce: String,
     pub method: String,
     pub path: String,
-    /// Hex BLAKE3 hash of the request body.
-    pub body_blake3: String,
+    /// Hex SHA-256 of the request body.
+    pub body_sha256: String,
 }
 
 /// Why a token was refused. Messages name the failed check and never include
@@ -77,21 +77,22 @@ pub enum AuthError {
     WrongNonce(String),
 }
 
-/// Hex BLAKE3 of a request body. Every batch is hashed twice (signed by the
-/// agent, checked by the receiver); SHA-256 cost more CPU than everything
-/// else the agent does with a full load (about 3 ns a byte on CPUs without
-/// SHA instructions), BLAKE3 is a secure hash several times faster.
+/// Hex SHA-256 of a request body. SHA-256 because every partner's
+/// platform has it in its standard library (a partner may write its own
+/// receiver); ring's assembly implementation because on CPUs without SHA
+/// instructions the hash is a visible share of a full load's CPU (see
+/// `docs/security.md`).
 pub fn body_digest(body: &[u8]) -> String {
-    blake3::hash(body).to_hex().to_string()
+    body_digest_parts(&[body])
 }
 
 /// [`body_digest`] of a body sent in parts (their concatenation).
 pub fn body_digest_parts(parts: &[&[u8]]) -> String {
-    let mut h = blake3::Hasher::new();
+    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
     for p in parts {
         h.update(p);
     }
-    h.finalize().to_hex().to_string()
+    hex::encode(h.finish())
 }
 
 pub fn new_nonce() -> String {
@@ -293,7 +294,7 @@ impl Verifier {
                 request: format!("{} {}", req.method, req.path),
             });
         }
-        if claims.body_blake3 != body_digest(req.body) {
+        if claims.body_sha256 != body_digest(req.body) {
             return Err(AuthError::BodyMismatch);
         }
         Ok(claims)
@@ -315,7 +316,7 @@ impl RequestSigner {
 
     /// [`RequestSigner::authorize`] with the body's digest already taken
     /// (once per batch, however many attempts it takes).
-    pub fn authorize_digest(&self, method: &str, path: &str, body_blake3: String) -> (Claims, String) {
+    pub fn authorize_digest(&self, method: &str, path: &str, body_sha256: String) -> (Claims, String) {
         let claims = Claims {
             role: Role::Agent,
             tenant: self.tenant.clone(),
@@ -324,7 +325,7 @@ impl RequestSigner {
             nonce: new_nonce(),
             method: method.to_owned(),
             path: path.to_owned(),
-            body_blake3,
+            body_sha256,
         };
         let header = format!("{} {}", crate::protocol::AUTH_SCHEME, self.key.sign(&claims));
         (claims, header)
@@ -337,7 +338,7 @@ pub fn receiver_answer(key: &Keypair, request: &Claims) -> String {
     let claims = Claims {
         role: Role::Receiver,
         ts: now_unix(),
-        body_blake3: body_digest(b""),
+        body_sha256: body_digest(b""),
         ..request.clone()
     };
     key.sign(&claims)
@@ -390,7 +391,7 @@ mod tests {
             nonce: new_nonce(),
             method: "POST".into(),
             path: "/v1/tenants/acme/rows".into(),
-            body_blake3: body_digest(body),
+            body_sha256: body_digest(body),
         }
     }
 

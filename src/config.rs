@@ -49,6 +49,32 @@ pub struct ReceiverConfig {
     pub hooks: HookConfig,
 }
 
+impl ReceiverConfig {
+    /// A configuration with every optional setting at its default, for
+    /// programs and tests that build one without a file.
+    pub fn new(
+        listen: impl Into<String>,
+        database_url: impl Into<String>,
+        application: AppId,
+        private_key: impl Into<String>,
+        agent_public_key: impl Into<String>,
+    ) -> Self {
+        Self {
+            listen: listen.into(),
+            database_url: database_url.into(),
+            application,
+            private_key: private_key.into(),
+            agent_public_key: agent_public_key.into(),
+            max_clock_skew_secs: default_skew(),
+            max_body_bytes: default_body(),
+            drop_unmapped_tables: true,
+            keep_dropped_columns: false,
+            paused_reason: None,
+            hooks: HookConfig::default(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HookConfig {

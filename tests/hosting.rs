@@ -139,17 +139,10 @@ impl Fleet {
     async fn receiver_with(&mut self, app: &str, paused: Option<&str>) -> (String, TestDb) {
         let mirror = TestDb::create(&format!("{app}_mirror")).await;
         let cfg = ReceiverConfig {
-            listen: "127.0.0.1:0".into(),
-            database_url: mirror.url.clone(),
-            application: AppId::new(app).unwrap(),
-            private_key: "unused".into(),
-            agent_public_key: "unused".into(),
-            max_clock_skew_secs: 300,
             max_body_bytes: 64 << 20,
-            drop_unmapped_tables: true,
-            keep_dropped_columns: false,
             paused_reason: paused.map(str::to_owned),
             hooks: HookConfig { analyze: false, notify_channel: None, sql: vec![] },
+            ..ReceiverConfig::new("127.0.0.1:0", mirror.url.clone(), AppId::new(app).unwrap(), "unused", "unused")
         };
         let svc = ReceiverService::with_keys(cfg, self.partner_key.clone(), self.agent_key.public()).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -5,7 +5,7 @@
 mod support;
 
 use ctmirror::auth::{self, check_receiver_answer, Claims, Keypair, PublicKey, RequestSigner, Role};
-use ctmirror::config::{HookConfig, ReceiverConfig};
+use ctmirror::config::ReceiverConfig;
 use ctmirror::ids::{AppId, TenantId};
 use ctmirror::protocol::{
     ColumnSchema, ColumnType, Cursor, Key, TableSchema, TableSchemaResponse, TableStatus, Value, Version,
@@ -18,17 +18,8 @@ const TENANT: &str = "acme";
 
 fn config(url: &str) -> ReceiverConfig {
     ReceiverConfig {
-        listen: "127.0.0.1:0".into(),
-        database_url: url.into(),
-        application: AppId::new("crm").unwrap(),
-        private_key: "unused".into(),
-        agent_public_key: "unused".into(),
-        max_clock_skew_secs: 300,
         max_body_bytes: 1 << 20,
-        drop_unmapped_tables: true,
-        keep_dropped_columns: false,
-        paused_reason: None,
-        hooks: HookConfig::default(),
+        ..ReceiverConfig::new("127.0.0.1:0", url, AppId::new("crm").unwrap(), "unused", "unused")
     }
 }
 
@@ -250,7 +241,7 @@ async fn bad_tokens_are_refused_with_401_and_nothing_is_written() {
         nonce: auth::new_nonce(),
         method: "POST".into(),
         path: format!("/v1/tenants/{tenant}/schema"),
-        body_blake3: auth::body_digest(body),
+        body_sha256: auth::body_digest(body),
     };
     let agent = &rig.signer.key;
     let stranger = Keypair::generate();

@@ -11,19 +11,16 @@ use super::store;
 use crate::config::HookConfig;
 use crate::ids::TenantId;
 use crate::protocol::{CompletedRequest, CompletedResponse, SyncMode, TableReport};
-use deadpool_postgres::Pool;
 
 /// PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
 const MAX_NOTIFY_PAYLOAD: usize = 7900;
 
 pub async fn apply(
-    pool: &Pool,
+    client: &mut tokio_postgres::Client,
     hooks: &HookConfig,
     tenant: &TenantId,
     req: &CompletedRequest,
 ) -> Result<CompletedResponse, ReceiverError> {
-    let mut client = pool.get().await?;
-    let client: &mut tokio_postgres::Client = &mut client;
     let completion_id = store::record_completion(&*client, tenant, req).await?;
     let mirror = tenant.mirror_schema();
     let mut done = Vec::new();

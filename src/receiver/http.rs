@@ -142,40 +142,41 @@ async fn checked(s: &ReceiverService, op: Op, path: TenantPath, req: Request) ->
         }
         Op::Schema => {
             let req: protocol::TableSchemaRequest = parse(&body)?;
-            let mut client = inner.pool.get().await?;
+            let mut client = inner.client_for(&tenant).await?;
             let answer = schema::apply(&mut client, &tenant, &req, &inner.cfg).await?;
             Ok(Json(answer).into_response())
         }
         Op::Rows if encoding == Encoding::Copy => {
             let batch = CopyBatch::decode(body).map_err(ReceiverError::bad_request)?;
             tracing::Span::current().record("table", batch.header.table.as_str());
-            let mut client = inner.pool.get().await?;
+            let mut client = inner.client_for(&tenant).await?;
             let answer = apply::apply(&mut client, &tenant, &apply::Batch::copy(&batch)).await?;
             Ok(Json(answer).into_response())
         }
         Op::Rows => {
             let req: protocol::RowBatch = parse(&body)?;
             tracing::Span::current().record("table", req.table.as_str());
-            let mut client = inner.pool.get().await?;
+            let mut client = inner.client_for(&tenant).await?;
             let answer = apply::apply(&mut client, &tenant, &apply::Batch::json(&req)).await?;
             Ok(Json(answer).into_response())
         }
         Op::Advance => {
             let req: protocol::AdvanceRequest = parse(&body)?;
-            let mut client = inner.pool.get().await?;
+            let mut client = inner.client_for(&tenant).await?;
             let answer = advance::apply(&mut client, &tenant, &req).await?;
             Ok(Json(answer).into_response())
         }
         Op::Reload => {
             let req: protocol::ReloadRequest = parse(&body)?;
             tracing::Span::current().record("table", req.table.as_str());
-            let mut client = inner.pool.get().await?;
+            let mut client = inner.client_for(&tenant).await?;
             let answer = reload::apply(&mut client, &tenant, &req).await?;
             Ok(Json(answer).into_response())
         }
         Op::Completed => {
             let req: protocol::CompletedRequest = parse(&body)?;
-            let answer = hooks::apply(&inner.pool, &inner.cfg.hooks, &tenant, &req).await?;
+            let mut client = inner.client_for(&tenant).await?;
+            let answer = hooks::apply(&mut client, &inner.cfg.hooks, &tenant, &req).await?;
             Ok(Json(answer).into_response())
         }
     }

@@ -86,6 +86,15 @@ impl ReceiverService {
     }
 }
 
+impl Inner {
+    /// A database connection for work on behalf of `tenant`. Every request's
+    /// database work goes through here, so that tenant isolation has one
+    /// place to decide which role the work runs under.
+    pub(crate) async fn client_for(&self, _tenant: &crate::ids::TenantId) -> Result<deadpool_postgres::Object, ReceiverError> {
+        Ok(self.pool.get().await?)
+    }
+}
+
 /// Builds the pool; no connection is made until the first `get`.
 fn connect(database_url: &str) -> Result<Pool, ReceiverError> {
     let url = resolve_secret(database_url).map_err(|e| ReceiverError::startup(format!("database_url: {e}")))?;

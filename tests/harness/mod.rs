@@ -66,17 +66,9 @@ impl Default for Options {
 
 pub fn receiver_config(mirror_url: &str) -> ReceiverConfig {
     ReceiverConfig {
-        listen: "127.0.0.1:0".into(),
-        database_url: mirror_url.into(),
-        application: AppId::new(APP).unwrap(),
-        private_key: "unused".into(),
-        agent_public_key: "unused".into(),
-        max_clock_skew_secs: 300,
         max_body_bytes: 64 << 20,
-        drop_unmapped_tables: true,
-        keep_dropped_columns: false,
-        paused_reason: None,
         hooks: HookConfig { analyze: true, notify_channel: Some("ctmirror_test".into()), sql: vec![] },
+        ..ReceiverConfig::new("127.0.0.1:0", mirror_url, AppId::new(APP).unwrap(), "unused", "unused")
     }
 }
 
