@@ -7,9 +7,14 @@
 //! agent token can never pass as a receiver token or the other way round.
 //!
 //! The claims bind method, path and a SHA-256 hash of the body, so a token
-//! captured in transit cannot carry another body. Replay caches and answer
-//! signatures beyond Authenticate are the security issue's to add; they slot
-//! into [`Verifier::verify`].
+//! captured in transit cannot carry another body; the receiver remembers the
+//! nonces it accepted (`receiver::replay`), so it cannot be sent twice either.
+//! The receiver signs every answer to an authenticated request the same way
+//! ([`sign_answer`]), bound to the request's nonce, its status and its body,
+//! and the agent acts on no answer that does not verify ([`check_answer`]).
+//!
+//! Each side trusts a list of its peer's public keys, the current one and
+//! during a rotation the next, so either side changes keys without downtime.
 
 use crate::ids::{AppId, TenantId};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -47,8 +52,13 @@ pub struct Claims {
     pub nonce: String,
     pub method: String,
     pub path: String,
-    /// Hex SHA-256 of the request body.
+    /// Hex SHA-256 of the request body (of the answer body in an answer
+    /// signature).
     pub body_sha256: String,
+    /// Only in answer signatures: the HTTP status of the answer, so a
+    /// refusal cannot be passed off as a success or the other way round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
 }
 
 /// Why a token was refused. Messages name the failed check and never include
@@ -71,10 +81,16 @@ pub enum AuthError {
     WrongApp(String),
     #[error("token was signed for {token}, not for {request}")]
     WrongRequest { token: String, request: String },
-    #[error("token does not match the request body")]
+    #[error("signed body hash does not match the body: the body was changed or belongs to another message")]
     BodyMismatch,
     #[error("answer is for nonce {0}, not for the nonce the agent sent")]
     WrongNonce(String),
+    #[error("token nonce was already used; a captured token cannot be sent again")]
+    Replayed,
+    #[error("answer is not signed: the {0} header is missing")]
+    UnsignedAnswer(&'static str),
+    #[error("answer signature is for status {signed:?}, but the answer has status {actual}")]
+    WrongStatus { signed: Option<u16>, actual: u16 },
 }
 
 /// Hex SHA-256 of a request body. SHA-256 because every partner's
@@ -93,6 +109,19 @@ pub fn body_digest_parts(parts: &[&[u8]]) -> String {
         h.update(p);
     }
     hex::encode(h.finish())
+}
+
+/// Bytes of randomness in a nonce; a token whose nonce has another length is
+/// malformed, so the replay cache holds fixed-size entries.
+pub const NONCE_BYTES: usize = 16;
+
+/// The decoded nonce of a token, or why it is not one.
+pub fn nonce_bytes(nonce: &str) -> Result<[u8; NONCE_BYTES], AuthError> {
+    URL_SAFE_NO_PAD
+        .decode(nonce)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or(AuthError::Malformed("nonce must be 16 random bytes, base64url without padding"))
 }
 
 pub fn new_nonce() -> String {
@@ -225,7 +254,9 @@ impl PublicKey {
 const MAX_TOKEN_LEN: usize = 4096;
 
 /// Splits and checks the signature of a token without judging its claims.
-pub fn decode_verified(token: &str, role: Role, key: &PublicKey) -> Result<Claims, AuthError> {
+/// `keys` are the signer's trusted keys (current and next); any one of them
+/// verifying is enough.
+pub fn decode_verified(token: &str, role: Role, keys: &[PublicKey]) -> Result<Claims, AuthError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(AuthError::Malformed("token is too long"));
     }
@@ -237,9 +268,10 @@ pub fn decode_verified(token: &str, role: Role, key: &PublicKey) -> Result<Claim
         sig_bytes.try_into().map_err(|_| AuthError::Malformed("signature is not 64 bytes"))?;
     let mut message = role.context().to_vec();
     message.extend_from_slice(encoded.as_bytes());
-    key.0
-        .verify_strict(&message, &Signature::from_bytes(&sig_bytes))
-        .map_err(|_| AuthError::BadSignature)?;
+    let signature = Signature::from_bytes(&sig_bytes);
+    if !keys.iter().any(|key| key.0.verify_strict(&message, &signature).is_ok()) {
+        return Err(AuthError::BadSignature);
+    }
     let json = URL_SAFE_NO_PAD
         .decode(encoded)
         .map_err(|_| AuthError::Malformed("claims are not base64url"))?;
@@ -247,6 +279,10 @@ pub fn decode_verified(token: &str, role: Role, key: &PublicKey) -> Result<Claim
         serde_json::from_slice(&json).map_err(|_| AuthError::Malformed("claims are not the expected JSON"))?;
     if claims.role != role {
         return Err(AuthError::WrongRole(claims.role));
+    }
+    nonce_bytes(&claims.nonce)?;
+    if (role == Role::Agent) != claims.status.is_none() {
+        return Err(AuthError::Malformed("status claim belongs to answers only"));
     }
     Ok(claims)
 }
@@ -259,9 +295,11 @@ pub struct RequestFacts<'a> {
     pub body: &'a [u8],
 }
 
-/// Receiver-side token checks.
+/// Receiver-side token checks (all but the replay check, which needs the
+/// receiver's memory of accepted nonces).
 pub struct Verifier {
-    pub agent_key: PublicKey,
+    /// The agent's current key and, during a rotation, its next.
+    pub agent_keys: Vec<PublicKey>,
     pub app: AppId,
     pub max_skew_secs: i64,
 }
@@ -274,7 +312,7 @@ impl Verifier {
             .strip_prefix(crate::protocol::AUTH_SCHEME)
             .and_then(|rest| rest.strip_prefix(' '))
             .ok_or(AuthError::Missing)?;
-        let claims = decode_verified(token.trim(), Role::Agent, &self.agent_key)?;
+        let claims = decode_verified(token.trim(), Role::Agent, &self.agent_keys)?;
         let skew = claims.ts.saturating_sub(now);
         if skew.abs() > self.max_skew_secs {
             return Err(AuthError::OutsideWindow(skew));
@@ -326,11 +364,15 @@ impl RequestSigner {
             method: method.to_owned(),
             path: path.to_owned(),
             body_sha256,
+            status: None,
         };
         let header = format!("{} {}", crate::protocol::AUTH_SCHEME, self.key.sign(&claims));
         (claims, header)
     }
 }
+
+/// The HTTP header carrying the receiver's signature of an answer.
+pub const ANSWER_SIGNATURE_HEADER: &str = "ctmirror-signature";
 
 /// The receiver's answer to Authenticate: its own token over the agent's
 /// nonce, which the agent checks with the partner's registered key.
@@ -339,21 +381,30 @@ pub fn receiver_answer(key: &Keypair, request: &Claims) -> String {
         role: Role::Receiver,
         ts: now_unix(),
         body_sha256: body_digest(b""),
+        status: Some(200),
         ..request.clone()
     };
     key.sign(&claims)
 }
 
-pub fn check_receiver_answer(
-    token: &str,
-    partner_key: &PublicKey,
-    sent: &Claims,
-    max_skew_secs: i64,
-    now: i64,
-) -> Result<(), AuthError> {
-    let claims = decode_verified(token, Role::Receiver, partner_key)?;
+/// The receiver's signature of one answer: the request's claims (so its
+/// nonce, tenant, application, method and path) with the receiver's role
+/// and time, the answer's status and the hash of the answer's body.
+pub fn sign_answer(key: &Keypair, request: &Claims, status: u16, body: &[u8]) -> String {
+    let claims = Claims {
+        role: Role::Receiver,
+        ts: now_unix(),
+        body_sha256: body_digest(body),
+        status: Some(status),
+        ..request.clone()
+    };
+    key.sign(&claims)
+}
+
+/// Checks the claims of a receiver token against the request they answer.
+fn check_answer_claims(claims: &Claims, sent: &Claims, max_skew_secs: i64, now: i64) -> Result<(), AuthError> {
     if claims.nonce != sent.nonce {
-        return Err(AuthError::WrongNonce(claims.nonce));
+        return Err(AuthError::WrongNonce(claims.nonce.clone()));
     }
     if claims.tenant != sent.tenant {
         return Err(AuthError::WrongTenant { token: claims.tenant.to_string(), request: sent.tenant.to_string() });
@@ -361,9 +412,50 @@ pub fn check_receiver_answer(
     if claims.app != sent.app {
         return Err(AuthError::WrongApp(claims.app.to_string()));
     }
+    if claims.method != sent.method || claims.path != sent.path {
+        return Err(AuthError::WrongRequest {
+            token: format!("{} {}", claims.method, claims.path),
+            request: format!("{} {}", sent.method, sent.path),
+        });
+    }
     let skew = claims.ts.saturating_sub(now);
     if skew.abs() > max_skew_secs {
         return Err(AuthError::OutsideWindow(skew));
+    }
+    Ok(())
+}
+
+/// Checks the token inside an Authenticate answer.
+pub fn check_receiver_answer(
+    token: &str,
+    partner_keys: &[PublicKey],
+    sent: &Claims,
+    max_skew_secs: i64,
+    now: i64,
+) -> Result<(), AuthError> {
+    let claims = decode_verified(token, Role::Receiver, partner_keys)?;
+    check_answer_claims(&claims, sent, max_skew_secs, now)
+}
+
+/// Checks an answer's signature header: signed by one of the partner's
+/// keys, for the request the agent sent (`sent`), with this status and body.
+pub fn check_answer(
+    header: Option<&str>,
+    partner_keys: &[PublicKey],
+    sent: &Claims,
+    status: u16,
+    body: &[u8],
+    max_skew_secs: i64,
+    now: i64,
+) -> Result<(), AuthError> {
+    let token = header.ok_or(AuthError::UnsignedAnswer(ANSWER_SIGNATURE_HEADER))?;
+    let claims = decode_verified(token.trim(), Role::Receiver, partner_keys)?;
+    check_answer_claims(&claims, sent, max_skew_secs, now)?;
+    if claims.status != Some(status) {
+        return Err(AuthError::WrongStatus { signed: claims.status, actual: status });
+    }
+    if claims.body_sha256 != body_digest(body) {
+        return Err(AuthError::BodyMismatch);
     }
     Ok(())
 }
@@ -374,7 +466,7 @@ mod tests {
 
     fn setup() -> (Keypair, Verifier, TenantId) {
         let agent = Keypair::generate();
-        let v = Verifier { agent_key: agent.public(), app: AppId::new("crm").unwrap(), max_skew_secs: 300 };
+        let v = Verifier { agent_keys: vec![agent.public()], app: AppId::new("crm").unwrap(), max_skew_secs: 300 };
         (agent, v, TenantId::new("acme").unwrap())
     }
 
@@ -392,6 +484,7 @@ mod tests {
             method: "POST".into(),
             path: "/v1/tenants/acme/rows".into(),
             body_sha256: body_digest(body),
+            status: None,
         }
     }
 
@@ -456,13 +549,70 @@ mod tests {
         let partner = Keypair::generate();
         let sent = claims(&t, b"");
         let answer = receiver_answer(&partner, &sent);
-        assert!(check_receiver_answer(&answer, &partner.public(), &sent, 300, now_unix()).is_ok());
+        assert!(check_receiver_answer(&answer, &[partner.public()], &sent, 300, now_unix()).is_ok());
         let other = claims(&t, b"");
-        assert!(matches!(check_receiver_answer(&answer, &partner.public(), &other, 300, now_unix()), Err(AuthError::WrongNonce(_))));
+        assert!(matches!(check_receiver_answer(&answer, &[partner.public()], &other, 300, now_unix()), Err(AuthError::WrongNonce(_))));
         assert_eq!(
-            check_receiver_answer(&answer, &Keypair::generate().public(), &sent, 300, now_unix()),
+            check_receiver_answer(&answer, &[Keypair::generate().public()], &sent, 300, now_unix()),
             Err(AuthError::BadSignature)
         );
+    }
+
+    #[test]
+    fn current_and_next_agent_keys_both_verify_during_a_rotation() {
+        let (current, mut v, t) = setup();
+        let next = Keypair::generate();
+        let c = claims(&t, b"{}");
+        assert_eq!(v.verify(Some(&header(&next, &c)), &facts(&t, b"{}"), now_unix()), Err(AuthError::BadSignature));
+        v.agent_keys.push(next.public());
+        assert!(v.verify(Some(&header(&next, &c)), &facts(&t, b"{}"), now_unix()).is_ok());
+        assert!(v.verify(Some(&header(&current, &c)), &facts(&t, b"{}"), now_unix()).is_ok());
+        v.agent_keys.remove(0);
+        assert_eq!(v.verify(Some(&header(&current, &c)), &facts(&t, b"{}"), now_unix()), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn nonces_that_are_not_sixteen_random_bytes_are_malformed() {
+        let (k, v, t) = setup();
+        for nonce in ["", "short", "AAAAAAAAAAAAAAAAAAAAAAAA", "AAAAAAAAAAAAAAAAAAAAA=", "!!!!!!!!!!!!!!!!!!!!!!"] {
+            let mut c = claims(&t, b"{}");
+            c.nonce = nonce.into();
+            let r = v.verify(Some(&header(&k, &c)), &facts(&t, b"{}"), now_unix());
+            assert!(matches!(r, Err(AuthError::Malformed(m)) if m.contains("nonce")), "{nonce:?}: {r:?}");
+        }
+        let mut with_status = claims(&t, b"{}");
+        with_status.status = Some(200);
+        let r = v.verify(Some(&header(&k, &with_status)), &facts(&t, b"{}"), now_unix());
+        assert!(matches!(r, Err(AuthError::Malformed(_))), "{r:?}");
+    }
+
+    #[test]
+    fn answer_signatures_bind_nonce_status_and_body() {
+        let (_, _, t) = setup();
+        let partner = Keypair::generate();
+        let next = Keypair::generate();
+        let keys = [partner.public(), next.public()];
+        let sent = claims(&t, b"{}");
+        let now = now_unix();
+        let body = br#"{"cursor":1}"#;
+        let sig = sign_answer(&partner, &sent, 200, body);
+        assert!(check_answer(Some(&sig), &keys, &sent, 200, body, 300, now).is_ok());
+        let by_next = sign_answer(&next, &sent, 200, body);
+        assert!(check_answer(Some(&by_next), &keys, &sent, 200, body, 300, now).is_ok(), "the next key is trusted too");
+        assert_eq!(check_answer(None, &keys, &sent, 200, body, 300, now), Err(AuthError::UnsignedAnswer(ANSWER_SIGNATURE_HEADER)));
+        assert_eq!(check_answer(Some(&sig), &keys, &sent, 200, br#"{"cursor":2}"#, 300, now), Err(AuthError::BodyMismatch));
+        assert!(matches!(check_answer(Some(&sig), &keys, &sent, 409, body, 300, now), Err(AuthError::WrongStatus { .. })));
+        assert!(matches!(check_answer(Some(&sig), &keys, &claims(&t, b"{}"), 200, body, 300, now), Err(AuthError::WrongNonce(_))));
+        assert!(matches!(check_answer(Some(&sig), &keys, &sent, 200, body, 300, now + 400), Err(AuthError::OutsideWindow(_))));
+        let stranger = sign_answer(&Keypair::generate(), &sent, 200, body);
+        assert_eq!(check_answer(Some(&stranger), &keys, &sent, 200, body, 300, now), Err(AuthError::BadSignature));
+        // An agent token replayed as an answer fails on the role's context.
+        let agent_token = partner.sign(&sent);
+        assert_eq!(check_answer(Some(&agent_token), &keys, &sent, 200, body, 300, now), Err(AuthError::BadSignature));
+        let mut other_path = sent.clone();
+        other_path.path = "/v1/tenants/acme/advance".into();
+        let moved = sign_answer(&partner, &other_path, 200, body);
+        assert!(matches!(check_answer(Some(&moved), &keys, &sent, 200, body, 300, now), Err(AuthError::WrongRequest { .. })));
     }
 
     #[test]

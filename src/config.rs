@@ -29,6 +29,16 @@ pub struct ReceiverConfig {
     pub private_key: String,
     /// The hosting operator's agent public key.
     pub agent_public_key: String,
+    /// The agent's next key during a key rotation: tokens signed by either
+    /// are accepted, so the operator switches without downtime.
+    #[serde(default)]
+    pub agent_next_public_key: Option<String>,
+    /// When set, only these tenants are served; calls for any other tenant
+    /// are refused with 403 before anything is read or written.
+    #[serde(default)]
+    pub tenants: Option<Vec<TenantId>>,
+    #[serde(default)]
+    pub limits: ReceiverLimits,
     #[serde(default = "default_skew")]
     pub max_clock_skew_secs: i64,
     #[serde(default = "default_body")]
@@ -65,12 +75,56 @@ impl ReceiverConfig {
             application,
             private_key: private_key.into(),
             agent_public_key: agent_public_key.into(),
+            agent_next_public_key: None,
+            tenants: None,
+            limits: ReceiverLimits::default(),
             max_clock_skew_secs: default_skew(),
             max_body_bytes: default_body(),
             drop_unmapped_tables: true,
             keep_dropped_columns: false,
             paused_reason: None,
             hooks: HookConfig::default(),
+        }
+    }
+}
+
+/// What one request, and one tenant, may take of a receiver. Each limit is
+/// answered with its own status code, so the agent knows whether to wait
+/// (429, 503), send smaller batches (413) or stop.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReceiverLimits {
+    /// Rows in one batch at most (413 beyond).
+    pub max_batch_rows: u64,
+    /// Bytes of row data in one batch at most (413 beyond); the body limit
+    /// `max_body_bytes` bounds the whole request.
+    pub max_batch_bytes: u64,
+    /// A request's body must arrive within this many seconds (408 beyond),
+    /// so a slow sender cannot hold a connection and a tenant slot.
+    pub body_timeout_secs: u64,
+    /// A request's database work must finish within this many seconds;
+    /// beyond, it is rolled back and answered 503 with Retry-After. Also
+    /// the PostgreSQL statement_timeout of the receiver's sessions.
+    pub request_timeout_secs: u64,
+    /// Requests of one tenant in flight at most; more are answered 429
+    /// with Retry-After. One agent sends one request at a time per tenant
+    /// and application, so a small number is plenty.
+    pub max_concurrent_per_tenant: usize,
+    /// Accepted nonces remembered at most (each about 60 bytes). When full,
+    /// new requests are answered 503 rather than forgetting a nonce that
+    /// could then be replayed.
+    pub max_remembered_nonces: usize,
+}
+
+impl Default for ReceiverLimits {
+    fn default() -> Self {
+        Self {
+            max_batch_rows: 500_000,
+            max_batch_bytes: 32 * 1024 * 1024,
+            body_timeout_secs: 60,
+            request_timeout_secs: 600,
+            max_concurrent_per_tenant: 4,
+            max_remembered_nonces: 200_000,
         }
     }
 }
@@ -249,8 +303,13 @@ pub struct TenantConfig {
 pub struct ApplicationConfig {
     pub id: AppId,
     pub receiver_url: String,
-    /// The partner's registered public key, checking Authenticate answers.
+    /// The partner's registered public key, checking the signature of every
+    /// answer the agent acts on.
     pub partner_public_key: String,
+    /// The partner's next key during a key rotation: answers signed by
+    /// either are accepted, so the partner switches without downtime.
+    #[serde(default)]
+    pub partner_next_public_key: Option<String>,
     pub schema_map: PathBuf,
     /// Tenants that approved this application.
     pub tenants: Vec<TenantId>,
@@ -329,6 +388,22 @@ impl ConfigFile {
             if r.max_body_bytes < 1024 {
                 return Err("receiver.max_body_bytes must be at least 1024".into());
             }
+            let l = &r.limits;
+            if l.max_batch_rows == 0 || l.max_batch_bytes < 1024 {
+                return Err("receiver.limits.max_batch_rows must be positive and max_batch_bytes at least 1024".into());
+            }
+            if l.body_timeout_secs == 0 || l.request_timeout_secs == 0 {
+                return Err("receiver.limits.body_timeout_secs and request_timeout_secs must be at least 1".into());
+            }
+            if l.max_concurrent_per_tenant == 0 || l.max_remembered_nonces < 1000 {
+                return Err(
+                    "receiver.limits.max_concurrent_per_tenant must be at least 1 and max_remembered_nonces at least 1000"
+                        .into(),
+                );
+            }
+            if r.tenants.as_ref().is_some_and(Vec::is_empty) {
+                return Err("receiver.tenants is empty: leave it out to serve every tenant, or list the tenants served".into());
+            }
         }
         if let Some(a) = &self.agent {
             if a.batch_rows == 0 || a.batch_bytes < 1024 {
@@ -384,11 +459,17 @@ impl ConfigFile {
         if let Some(r) = &mut self.receiver {
             fix(&mut r.private_key);
             fix(&mut r.agent_public_key);
+            if let Some(next) = &mut r.agent_next_public_key {
+                fix(next);
+            }
         }
         if let Some(a) = &mut self.agent {
             fix(&mut a.private_key);
             for app in &mut a.applications {
                 fix(&mut app.partner_public_key);
+                if let Some(next) = &mut app.partner_next_public_key {
+                    fix(next);
+                }
                 if app.schema_map.is_relative() {
                     app.schema_map = base.join(&app.schema_map);
                 }
@@ -467,6 +548,16 @@ mod tests {
             (&format!("{recv}max_clock_skew_secs=0\n"), "max_clock_skew_secs"),
             (&format!("{recv}bogus=1\n"), "unknown field"),
             (&format!("{recv}keep_dropped_columns=\"yes\"\n"), "invalid type"),
+            (&format!("{recv}tenants=[]\n"), "receiver.tenants is empty"),
+            (&format!("{recv}tenants=[\"Acme\"]\n"), "invalid tenant id"),
+            (&format!("{recv}tenants=\"acme\"\n"), "invalid type"),
+            (&format!("{recv}[receiver.limits]\nmax_batch_rows=0\n"), "max_batch_rows"),
+            (&format!("{recv}[receiver.limits]\nmax_batch_bytes=10\n"), "max_batch_bytes"),
+            (&format!("{recv}[receiver.limits]\nbody_timeout_secs=0\n"), "body_timeout_secs"),
+            (&format!("{recv}[receiver.limits]\nmax_concurrent_per_tenant=0\n"), "max_concurrent_per_tenant"),
+            (&format!("{recv}[receiver.limits]\nmax_remembered_nonces=5\n"), "max_remembered_nonces"),
+            (&format!("{recv}[receiver.limits]\nmax_batch_rows=-1\n"), "invalid value"),
+            (&format!("{recv}[receiver.limits]\nbogus=1\n"), "unknown field"),
             ("[agent]\nprivate_key=\"k\"\nbatch_rows=0\n", "batch_rows"),
             ("[agent]\nprivate_key=\"k\"\n[[agent.application]]\nid=\"a\"\nreceiver_url=\"ftp://x\"\npartner_public_key=\"p\"\nschema_map=\"m\"\ntenants=[]\n", "http"),
             ("[agent]\nprivate_key=\"k\"\n[[agent.application]]\nid=\"a\"\nreceiver_url=\"http://x\"\npartner_public_key=\"p\"\nschema_map=\"m\"\ntenants=[\"ghost\"]\n", "not configured"),

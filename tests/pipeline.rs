@@ -265,3 +265,82 @@ async fn a_pipelined_load_killed_midway_resumes_without_loss() {
     assert!(report.succeeded(), "{report:#?}");
     p.assert_converged().await;
 }
+
+/// Stands between agent and receiver and changes what `tamper` says: a
+/// network attacker's view of the protocol without TLS.
+async fn tampering_proxy(
+    upstream: String,
+    tamper: fn(&str, &mut reqwest::header::HeaderMap, &mut Vec<u8>),
+) -> String {
+    use axum::body::Bytes;
+    use axum::extract::Request;
+    let http = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |req: Request| {
+        let (http, upstream) = (http.clone(), upstream.clone());
+        async move {
+            let (parts, body) = req.into_parts();
+            let body: Bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let path = parts.uri.path().to_owned();
+            let resp = http.post(format!("{upstream}{path}")).headers(parts.headers).body(body).send().await.unwrap();
+            let status = resp.status();
+            let mut headers = resp.headers().clone();
+            let mut bytes = resp.bytes().await.unwrap().to_vec();
+            tamper(&path, &mut headers, &mut bytes);
+            headers.remove(reqwest::header::CONTENT_LENGTH);
+            let mut out = axum::response::Response::new(axum::body::Body::from(bytes));
+            *out.status_mut() = status;
+            *out.headers_mut() = headers;
+            out
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+    url
+}
+
+async fn cycle_through(p: &Pipeline, url: &str) -> Result<ctmirror::agent::CycleReport, ctmirror::agent::AgentError> {
+    use ctmirror::auth::RequestSigner;
+    let signer = RequestSigner { key: p.agent_key.clone(), tenant: p.tenant.clone(), app: "crm_insights".parse().unwrap() };
+    let client = ctmirror::agent::PartnerClient::new(url, signer, p.partner_public, std::time::Duration::from_secs(10))
+        .unwrap();
+    let mut source = p.connect_source().await;
+    let settings = ctmirror::agent::CycleSettings { limits: p.limits };
+    ctmirror::agent::run_cycle(&mut source, &client, &p.map, "acme", settings).await
+}
+
+/// An attacker between agent and partner who strips or rewrites the
+/// receiver's answers cannot steer the agent: every answer it acts on must
+/// carry the partner's signature over the request's nonce, the status and
+/// the body, and the next honest cycle converges.
+#[tokio::test]
+async fn the_agent_acts_on_no_answer_without_the_partners_signature() {
+    let p = Pipeline::start("tampered_answers", SIMPLE_SQL, SIMPLE_MAP).await;
+    p.wait_quiet().await;
+
+    let stripped = tampering_proxy(p.receiver_url.clone(), |_, headers, _| {
+        headers.remove("ctmirror-signature");
+    })
+    .await;
+    let e = cycle_through(&p, &stripped).await.unwrap_err();
+    assert_eq!(e.kind, AgentErrorKind::Auth, "{e}");
+    assert!(e.message.contains("answer is not signed"), "{e}");
+
+    // The rows answers get an extra space: the same JSON, another body.
+    let rewritten = tampering_proxy(p.receiver_url.clone(), |path, _, body| {
+        if path.ends_with("/rows") {
+            body.push(b' ');
+        }
+    })
+    .await;
+    let report = cycle_through(&p, &rewritten).await.unwrap();
+    let item = &report.tables[0];
+    let err = item.error.as_ref().expect("the table stops at the first rewritten answer");
+    assert_eq!(err.kind, AgentErrorKind::Auth, "{err}");
+    assert!(err.message.contains("body hash does not match the body"), "{err}");
+    assert!(item.counts.inserted <= p.limits.max_rows as u64, "no batch after the first: {:?}", item.counts);
+
+    let report = p.cycle().await;
+    assert!(report.succeeded(), "{report:#?}");
+    p.assert_converged().await;
+}

@@ -12,6 +12,7 @@ use ctmirror::protocol::{
 };
 use ctmirror::receiver::{quote_ident, ReceiverService};
 use serde_json::{json, Value as Json};
+use futures_util::StreamExt;
 use std::future::IntoFuture;
 
 const TENANT: &str = "acme";
@@ -35,6 +36,7 @@ struct Rig {
 struct Answer {
     status: u16,
     body: Json,
+    headers: reqwest::header::HeaderMap,
 }
 
 impl Answer {
@@ -82,9 +84,10 @@ impl Rig {
         }
         let resp = req.send().await.expect("request reaches the receiver");
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let text = resp.text().await.unwrap();
         let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("answer {status} is not JSON: {text:?}"));
-        Answer { status, body }
+        Answer { status, body, headers }
     }
 
     /// A correctly signed call, as the agent makes it.
@@ -211,12 +214,12 @@ async fn authenticate_answer_verifies_with_partner_key_and_echoes_nonce() {
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.body["replicate"], true);
     let token = a.body["token"].as_str().unwrap();
-    check_receiver_answer(token, &rig.partner_public, &claims, 300, auth::now_unix()).expect("answer verifies");
+    check_receiver_answer(token, &[rig.partner_public], &claims, 300, auth::now_unix()).expect("answer verifies");
     let stranger = Keypair::generate().public();
-    assert!(check_receiver_answer(token, &stranger, &claims, 300, auth::now_unix()).is_err());
+    assert!(check_receiver_answer(token, &[stranger], &claims, 300, auth::now_unix()).is_err());
     let mut other = claims.clone();
     other.nonce = auth::new_nonce();
-    assert!(check_receiver_answer(token, &rig.partner_public, &other, 300, auth::now_unix()).is_err());
+    assert!(check_receiver_answer(token, &[rig.partner_public], &other, 300, auth::now_unix()).is_err());
 }
 
 #[tokio::test]
@@ -242,6 +245,7 @@ async fn bad_tokens_are_refused_with_401_and_nothing_is_written() {
         method: "POST".into(),
         path: format!("/v1/tenants/{tenant}/schema"),
         body_sha256: auth::body_digest(body),
+        status: None,
     };
     let agent = &rig.signer.key;
     let stranger = Keypair::generate();
@@ -1253,4 +1257,180 @@ async fn advance_moves_idle_cursors_in_one_call_and_refuses_per_table() {
     }
     assert_eq!(rig.cursor("items").await, Some(changes(9)));
     assert_eq!(rig.cursor("others").await, Some(changes(12)));
+}
+
+// ------------------------------------------- guards: replay, limits, answers
+
+/// A signed rows call whose exact request can be sent again.
+fn signed_rows(rig: &Rig, b: &Json) -> (String, Claims, String, Vec<u8>) {
+    let path = rig.path("rows");
+    let bytes = serde_json::to_vec(b).unwrap();
+    let (claims, header) = rig.signer.authorize("POST", &path, &bytes);
+    (path, claims, header, bytes)
+}
+
+#[tokio::test]
+async fn a_replayed_request_is_refused_and_writes_nothing() {
+    let rig = rig_with_items("guard_replay").await;
+    let b = batch(&items(), Some(changes(1)), changes(2), json!([upsert(2, json!([3, "three", 3, null]))]));
+    let (path, _, header, bytes) = signed_rows(&rig, &b);
+    let first = rig.send(&path, Some("application/json"), Some(header.clone()), bytes.clone()).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    // Undo the write behind the receiver's back: the replay must not redo it.
+    rig.client().await.batch_execute("DELETE FROM mirror_acme.items WHERE id = 3").await.unwrap();
+    let again = rig.send(&path, Some("application/json"), Some(header), bytes).await;
+    assert_eq!(again.status, 401, "{}", again.body);
+    assert_eq!(again.kind(), "unauthorized");
+    assert!(again.body["error"]["message"].as_str().unwrap().contains("nonce was already used"), "{}", again.body);
+    assert!(again.headers.get("ctmirror-signature").is_none(), "refusals before authentication are unsigned");
+    assert_eq!(rig.dump("items").await.len(), 2, "the replay wrote nothing");
+}
+
+#[tokio::test]
+async fn every_authenticated_answer_is_signed_over_nonce_status_and_body() {
+    let rig = rig_with_items("guard_signed").await;
+    let keys = [rig.partner_public];
+    let now = auth::now_unix();
+    let ok = batch(&items(), Some(changes(1)), changes(2), json!([upsert(2, json!([3, "three", 3, null]))]));
+    let conflict = batch(&items(), Some(changes(7)), changes(8), json!([]));
+    for (b, status) in [(ok, 200), (conflict, 409)] {
+        let (path, claims, header, bytes) = signed_rows(&rig, &b);
+        let resp = rig.http.post(format!("{}{path}", rig.base)).header("content-type", "application/json")
+            .header("authorization", header).body(bytes).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status);
+        let sig = resp.headers().get("ctmirror-signature").map(|v| v.to_str().unwrap().to_owned());
+        let body = resp.bytes().await.unwrap();
+        auth::check_answer(sig.as_deref(), &keys, &claims, status, &body, 300, now).expect("answer verifies");
+        let mut tampered = body.to_vec();
+        tampered[1] ^= 1;
+        assert!(auth::check_answer(sig.as_deref(), &keys, &claims, status, &tampered, 300, now).is_err());
+    }
+}
+
+#[tokio::test]
+async fn a_tenant_outside_the_allow_list_is_forbidden_and_nothing_is_written() {
+    let rig = Rig::start_with("guard_allow", |c| c.tenants = Some(vec![TenantId::new("globex").unwrap()])).await;
+    let a = rig.call("schema", &json!({"source_identity": "s", "tables": [items()]})).await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert_eq!(a.kind(), "forbidden");
+    assert!(a.body["error"]["message"].as_str().unwrap().contains("tenant acme is not served by this receiver"));
+    rig.assert_nothing_written().await;
+    let served = Rig::start_with("guard_allow_ok", |c| c.tenants = Some(vec![TenantId::new(TENANT).unwrap()])).await;
+    served.schema(&[items()]).await;
+}
+
+#[tokio::test]
+async fn batches_beyond_the_row_or_byte_limit_are_413_and_nothing_is_written() {
+    let rig = Rig::start_with("guard_batch", |c| {
+        c.limits.max_batch_rows = 2;
+        c.limits.max_batch_bytes = 1024;
+    })
+    .await;
+    rig.schema(&[items()]).await;
+    let three = batch(&items(), None, changes(1), json!([
+        upsert(1, json!([1, "a", 1, null])), upsert(1, json!([2, "b", 1, null])), upsert(1, json!([3, "c", 1, null]))
+    ]));
+    let a = rig.call("rows", &three).await;
+    assert_eq!(a.status, 413, "{}", a.body);
+    assert!(a.body["error"]["message"].as_str().unwrap().contains("limit of 2 rows per batch"), "{}", a.body);
+    let padded = json!({"table": "items", "schema_hash": items().hash(), "from": null, "to": changes(1),
+        "rows": [upsert(1, json!([1, "é".repeat(20), 1, "1.00"])), upsert(1, json!([2, "x".repeat(20), 1, "1".to_owned() + &"0".repeat(900)]))]});
+    let a = rig.call("rows", &padded).await;
+    assert_eq!(a.status, 413, "{}", a.body);
+    assert!(a.body["error"]["message"].as_str().unwrap().contains("bytes per batch"), "{}", a.body);
+    assert!(rig.dump("items").await.is_empty());
+    assert_eq!(rig.cursor("items").await, None);
+}
+
+#[tokio::test]
+async fn a_tenant_beyond_its_concurrent_requests_gets_429_with_retry_after() {
+    let rig = rig_with_items("guard_busy").await;
+    // Hold the table's bookkeeping row so that one batch stays in flight.
+    let mut holder = rig.client().await;
+    let tx = holder.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM ctmirror.tables WHERE table_name = 'items' FOR UPDATE", &[]).await.unwrap();
+    let stuck = batch(&items(), Some(changes(1)), changes(2), json!([upsert(2, json!([3, "three", 3, null]))]));
+    let mut in_flight = Vec::new();
+    for _ in 0..4 {
+        let (path, _, header, bytes) = signed_rows(&rig, &stuck);
+        let req = rig.http.post(format!("{}{path}", rig.base)).header("content-type", "application/json")
+            .header("authorization", header).body(bytes);
+        in_flight.push(tokio::spawn(req.send()));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let a = rig.call("rows", &stuck).await;
+    assert_eq!(a.status, 429, "{}", a.body);
+    assert_eq!(a.kind(), "too_many_requests");
+    assert_eq!(a.headers.get("retry-after").unwrap(), "1");
+    assert_eq!(a.body["error"]["retryable"], true);
+    tx.rollback().await.unwrap();
+    let mut statuses = Vec::new();
+    for h in in_flight {
+        statuses.push(h.await.unwrap().unwrap().status().as_u16());
+    }
+    assert_eq!(statuses, vec![200; 4], "one applies, the others find it already applied");
+}
+
+#[tokio::test]
+async fn a_body_that_arrives_too_slowly_is_408() {
+    let rig = Rig::start_with("guard_slow", |c| c.limits.body_timeout_secs = 1).await;
+    let path = rig.path("schema");
+    let bytes = serde_json::to_vec(&json!({"source_identity": "s", "tables": [items()]})).unwrap();
+    let (_, header) = rig.signer.authorize("POST", &path, &bytes);
+    let (head, tail) = bytes.split_at(10);
+    let (head, tail) = (head.to_vec(), tail.to_vec());
+    let slow = futures_util::stream::iter([head, tail]).then(|chunk| async move {
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        Ok::<_, std::io::Error>(chunk)
+    });
+    let resp = rig.http.post(format!("{}{path}", rig.base)).header("content-type", "application/json")
+        .header("authorization", header).body(reqwest::Body::wrap_stream(slow)).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 408);
+    let body: Json = resp.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("did not arrive within 1 seconds"), "{body}");
+    rig.assert_nothing_written().await;
+}
+
+#[tokio::test]
+async fn database_work_past_the_request_limit_is_rolled_back_as_503() {
+    let rig = Rig::start_with("guard_timeout", |c| c.limits.request_timeout_secs = 1).await;
+    rig.schema(&[items()]).await;
+    let first = batch(&items(), None, changes(1), json!([upsert(1, json!([1, "one", 1, null]))]));
+    assert_eq!(rig.call("rows", &first).await.status, 200);
+    let mut holder = rig.client().await;
+    let tx = holder.transaction().await.unwrap();
+    tx.execute("LOCK TABLE mirror_acme.items IN ACCESS EXCLUSIVE MODE", &[]).await.unwrap();
+    let b = batch(&items(), Some(changes(1)), changes(2), json!([upsert(2, json!([3, "three", 3, null]))]));
+    let a = rig.call("rows", &b).await;
+    assert_eq!(a.status, 503, "{}", a.body);
+    assert_eq!(a.body["error"]["retryable"], true);
+    assert!(a.body["error"]["message"].as_str().unwrap().contains("statement timeout"), "{}", a.body);
+    tx.rollback().await.unwrap();
+    assert_eq!(rig.dump("items").await.len(), 1);
+    assert_eq!(rig.cursor("items").await, Some(changes(1)));
+}
+
+#[tokio::test]
+async fn the_next_agent_key_is_accepted_alongside_the_current_one() {
+    let db = support::TestDb::create("guard_rotation").await;
+    let current = Keypair::generate();
+    let next = Keypair::generate();
+    let partner = Keypair::generate();
+    let svc = ReceiverService::with_key_set(config(&db.url), partner, vec![current.public(), next.public()])
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(axum::serve(listener, svc.router()).into_future());
+    let mut statuses = Vec::new();
+    for key in [current, next, Keypair::generate()] {
+        let signer = RequestSigner { key, tenant: TenantId::new(TENANT).unwrap(), app: AppId::new("crm").unwrap() };
+        let path = format!("/v1/tenants/{TENANT}/authenticate");
+        let body = br#"{"agent":"t"}"#.to_vec();
+        let (_, header) = signer.authorize("POST", &path, &body);
+        let resp = reqwest::Client::new().post(format!("{base}{path}")).header("content-type", "application/json")
+            .header("authorization", header).body(body).send().await.unwrap();
+        statuses.push(resp.status().as_u16());
+    }
+    assert_eq!(statuses, vec![200, 200, 401], "current and next verify, a stranger does not");
 }

@@ -38,13 +38,16 @@ struct Answer {
     status: u16,
     bytes: bytes::Bytes,
     retry_after: Option<Duration>,
+    /// The receiver's signature header, checked before the agent acts.
+    signature: Option<String>,
 }
 
 pub struct PartnerClient {
     http: reqwest::Client,
     base_url: String,
     signer: RequestSigner,
-    partner_key: PublicKey,
+    /// The partner's current key and, during a rotation, its next.
+    partner_keys: Vec<PublicKey>,
     attempts: u32,
     limits: PartnerLimits,
     max_retry_after_wait: Duration,
@@ -75,11 +78,18 @@ impl PartnerClient {
             http,
             base_url: base_url.trim_end_matches('/').to_owned(),
             signer,
-            partner_key,
+            partner_keys: vec![partner_key],
             attempts: 3,
             limits: PartnerLimits::default(),
             max_retry_after_wait: MAX_RETRY_AFTER_IN_CYCLE,
         })
+    }
+
+    /// Also trusts the partner's next key, so the partner can switch to it
+    /// without a cycle failing.
+    pub fn with_next_partner_key(mut self, key: Option<PublicKey>) -> Self {
+        self.partner_keys.extend(key);
+        self
     }
 
     /// Applies the partner's request and byte rate limits to every call.
@@ -102,7 +112,7 @@ impl PartnerClient {
         let body = serde_json::to_vec(&req).expect("request serializes");
         let (claims, reply) = self.post_retrying(&path, body).await?;
         let answer: AuthenticateResponse = decode(&reply)?;
-        auth::check_receiver_answer(&answer.token, &self.partner_key, &claims, ANSWER_SKEW_SECS, auth::now_unix())
+        auth::check_receiver_answer(&answer.token, &self.partner_keys, &claims, ANSWER_SKEW_SECS, auth::now_unix())
             .map_err(|e| AgentError::new(AgentErrorKind::Auth, format!("receiver's answer did not verify: {e}")))?;
         Ok(answer)
     }
@@ -201,9 +211,34 @@ impl PartnerClient {
                     tracing::warn!(path, attempt, ?delay, "receiver unavailable or busy; retrying");
                     tokio::time::sleep(delay).await;
                 }
-                _ => return result.map(|a| (claims, a)),
+                _ => {
+                    let answer = result?;
+                    self.check_signature(&claims, &answer)?;
+                    return Ok((claims, answer));
+                }
             }
         }
+    }
+
+    /// Every answer the agent acts on (a success, or a conflict naming the
+    /// receiver's cursor) must carry the partner's signature over this
+    /// request's nonce, the status and the body; otherwise someone between
+    /// agent and partner could move the cursor and lose rows. Other
+    /// refusals end the call either way, so they are taken as they come.
+    fn check_signature(&self, sent: &Claims, answer: &Answer) -> Result<(), AgentError> {
+        if !((200..300).contains(&answer.status) || answer.status == 409) {
+            return Ok(());
+        }
+        auth::check_answer(
+            answer.signature.as_deref(),
+            &self.partner_keys,
+            sent,
+            answer.status,
+            &answer.bytes,
+            ANSWER_SKEW_SECS,
+            auth::now_unix(),
+        )
+        .map_err(|e| AgentError::new(AgentErrorKind::Auth, format!("receiver's answer did not verify: {e}")))
     }
 
     async fn post_once(
@@ -239,11 +274,16 @@ impl PartnerClient {
         } else {
             None
         };
+        let signature = resp
+            .headers()
+            .get(auth::ANSWER_SIGNATURE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let bytes = resp
             .bytes()
             .await
             .map_err(|e| AgentError::new(AgentErrorKind::Transient, format!("reading answer of {url}: {e}")))?;
-        Ok(Answer { status, bytes, retry_after })
+        Ok(Answer { status, bytes, retry_after, signature })
     }
 }
 

@@ -57,6 +57,12 @@ pub async fn sync_pair(
     }
     let key = Keypair::load(&cfg.private_key).map_err(|e| config_err(e.to_string()))?;
     let partner_key = PublicKey::load(&app_cfg.partner_public_key).map_err(|e| config_err(e.to_string()))?;
+    let partner_next = app_cfg
+        .partner_next_public_key
+        .as_deref()
+        .map(PublicKey::load)
+        .transpose()
+        .map_err(|e| config_err(format!("partner_next_public_key: {e}")))?;
     let signer = RequestSigner { key, tenant: tenant.clone(), app: app.clone() };
     let client = PartnerClient::new(
         &app_cfg.receiver_url,
@@ -64,6 +70,7 @@ pub async fn sync_pair(
         partner_key,
         Duration::from_secs(cfg.request_timeout_secs),
     )?
+    .with_next_partner_key(partner_next)
     .with_limits(partner_limits);
     let settings = CycleSettings { limits: ChunkLimits { max_rows: cfg.batch_rows, max_bytes: cfg.batch_bytes } };
     let url = resolve_secret(&tenant_cfg.url).map_err(|e| config_err(e.to_string()))?;

@@ -43,6 +43,12 @@ pub enum ErrorKind {
     Unavailable,
     /// The service could not start (keys, database URL, listen address).
     Startup,
+    /// A valid token for a tenant this receiver does not serve.
+    Forbidden,
+    /// The tenant already has as many requests in flight as allowed.
+    TooManyRequests,
+    /// The request body came too slowly.
+    RequestTimeout,
 }
 
 impl ErrorKind {
@@ -60,6 +66,9 @@ impl ErrorKind {
             ErrorKind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorKind::Internal | ErrorKind::Startup => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -80,12 +89,28 @@ impl ErrorKind {
             ErrorKind::Internal => "internal",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Startup => "startup",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::TooManyRequests => "too_many_requests",
+            ErrorKind::RequestTimeout => "request_timeout",
+        }
+    }
+
+    /// The Retry-After (seconds) sent with this kind: a busy tenant's
+    /// request in flight ends soon. Other retryable kinds leave the wait to
+    /// the agent's backoff.
+    pub fn retry_after_secs(self) -> Option<u32> {
+        match self {
+            ErrorKind::TooManyRequests => Some(1),
+            _ => None,
         }
     }
 
     /// Whether the same request may succeed later without anyone changing it.
     pub fn retryable(self) -> bool {
-        matches!(self, ErrorKind::Internal | ErrorKind::Unavailable)
+        matches!(
+            self,
+            ErrorKind::Internal | ErrorKind::Unavailable | ErrorKind::TooManyRequests | ErrorKind::RequestTimeout
+        )
     }
 }
 
@@ -160,8 +185,10 @@ fn is_data_error(code: &str) -> bool {
 
 /// SQLSTATEs that mean the server is going away or refusing connections:
 /// class 08 connection exception, 53 insufficient resources, 57P0x shutdown.
+/// Also 57014 (query canceled): the receiver's statement_timeout ended a
+/// statement that ran too long; the transaction rolled back whole.
 fn is_unavailable(code: &str) -> bool {
-    matches!(code.get(..2), Some("08" | "53")) || matches!(code, "57P01" | "57P02" | "57P03")
+    matches!(code.get(..2), Some("08" | "53")) || matches!(code, "57P01" | "57P02" | "57P03" | "57014")
 }
 
 impl From<tokio_postgres::Error> for ReceiverError {
@@ -217,7 +244,8 @@ mod tests {
         assert!(!is_data_error("42P01"));
         assert!(is_unavailable("08006"));
         assert!(is_unavailable("57P01"));
-        assert!(!is_unavailable("57014"));
+        assert!(is_unavailable("57014"), "a statement timeout is worth retrying later");
+        assert!(!is_unavailable("42501"));
     }
 
     #[test]

@@ -2,13 +2,21 @@
 //! touch the database, and the mapping of answers and errors to responses.
 //!
 //! The checks run in a fixed order, cheapest and least trusting first:
-//! tenant id in the path, content type, body size, signed token (over the
-//! raw body), then strict JSON. Nothing is written before all of them pass,
-//! and every refusal is an [`ErrorBody`](crate::protocol::ErrorBody).
+//! tenant id in the path, content type, body size and body time, signed
+//! token (over the raw body), nonce not seen before, tenant served, a free
+//! slot among the tenant's concurrent requests, then strict JSON and the
+//! batch limits. Nothing is written before all of them pass, and every
+//! refusal is an [`ErrorBody`](crate::protocol::ErrorBody).
+//!
+//! Every answer to a request whose token verified carries the receiver's
+//! signature (`ctmirror-signature`) over the request's nonce, the status and
+//! the body; refusals before that point are unsigned, and the agent acts on
+//! none of them.
 
 use super::error::{ErrorKind, ReceiverError};
-use super::{advance, apply, hooks, reload, schema, ReceiverService};
-use crate::auth::{self, RequestFacts};
+use super::replay::Refusal;
+use super::{advance, apply, hooks, reload, schema, Inner, ReceiverService};
+use crate::auth::{self, Claims, RequestFacts};
 use crate::ids::TenantId;
 use crate::protocol::copy::{self, CopyBatch};
 use crate::protocol::{self, AuthenticateRequest, AuthenticateResponse};
@@ -16,11 +24,12 @@ use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use futures_util::StreamExt;
+use std::time::Duration;
 use serde::de::DeserializeOwned;
 use tracing::{field, Instrument};
 
@@ -91,95 +100,195 @@ async fn method_not_allowed(req: Request) -> Response {
 }
 
 fn refuse(e: ReceiverError) -> Response {
+    let retry_after = e.kind.retry_after_secs();
     if e.kind.status().is_server_error() {
         tracing::warn!(kind = e.kind.as_str(), status = e.status().as_u16(), retryable = e.retryable(), table = ?e.table, "{}", e.message);
     } else {
         tracing::warn!(kind = e.kind.as_str(), status = e.status().as_u16(), table = ?e.table, "request refused: {}", e.message);
     }
-    e.into_response()
+    let mut response = e.into_response();
+    if let Some(secs) = retry_after {
+        response.headers_mut().insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
 }
 
-/// One request under its span: the checks, then the operation.
+/// One request under its span: the checks, then the operation, then the
+/// answer's signature.
 async fn handle(s: ReceiverService, op: Op, path: TenantPath, req: Request) -> Response {
     let span = tracing::info_span!("request", tenant = field::Empty, operation = op.name(), table = field::Empty);
     async move {
-        match checked(&s, op, path, req).await {
-            Ok(response) => response,
-            Err(e) => refuse(e),
-        }
+        let inner = s.inner();
+        let admitted = match admit(inner, op, path, req).await {
+            Ok(a) => a,
+            Err(e) => return refuse(e),
+        };
+        let limit = Duration::from_secs(inner.cfg.limits.request_timeout_secs) + STATEMENT_TIMEOUT_MARGIN;
+        let response = match tokio::time::timeout(limit, perform(inner, op, &admitted)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => refuse(e),
+            Err(_) => refuse(ReceiverError::new(
+                ErrorKind::Unavailable,
+                format!("the request took longer than the receiver's limit of {} seconds", limit.as_secs()),
+            )),
+        };
+        drop(admitted.slot);
+        sign(response, &admitted.claims, &inner.partner_key).await
     }
     .instrument(span)
     .await
 }
 
-async fn checked(s: &ReceiverService, op: Op, path: TenantPath, req: Request) -> Result<Response, ReceiverError> {
+/// PostgreSQL's statement_timeout ends a slow statement first; this margin
+/// is for time spent outside statements (waiting for a connection, hooks).
+const STATEMENT_TIMEOUT_MARGIN: Duration = Duration::from_secs(5);
+
+/// A request that passed every check before its operation.
+struct Admitted {
+    tenant: TenantId,
+    claims: Claims,
+    encoding: Encoding,
+    body: Bytes,
+    /// The tenant's concurrency slot, held until the answer is ready.
+    slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+async fn admit(inner: &Inner, op: Op, path: TenantPath, req: Request) -> Result<Admitted, ReceiverError> {
     let Path(raw) = path.map_err(|e| ReceiverError::bad_request(format!("invalid path: {e}")))?;
     let tenant = TenantId::new(raw).map_err(|e| ReceiverError::bad_request(e.to_string()))?;
     tracing::Span::current().record("tenant", tenant.as_str());
 
     let (parts, body) = req.into_parts();
     let encoding = check_content_type(op, &parts.headers)?;
-    let body = read_body(&parts.headers, body, s.inner().cfg.max_body_bytes).await?;
+    let limits = &inner.cfg.limits;
+    let body = read_body(&parts.headers, body, inner.cfg.max_body_bytes, Duration::from_secs(limits.body_timeout_secs))
+        .await?;
     let header = parts.headers.get(AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
     let facts = RequestFacts { tenant: &tenant, method: parts.method.as_str(), path: parts.uri.path(), body: &body };
-    let claims = s
-        .inner()
-        .verifier
-        .verify(header, &facts, auth::now_unix())
-        .map_err(|e| ReceiverError::new(ErrorKind::Unauthorized, e.to_string()))?;
+    let now = auth::now_unix();
+    let unauthorized = |e: auth::AuthError| ReceiverError::new(ErrorKind::Unauthorized, e.to_string());
+    let claims = inner.verifier.verify(header, &facts, now).map_err(unauthorized)?;
+    inner.replay.admit(&claims, now).map_err(|refusal| match refusal {
+        Refusal::Replayed(e) | Refusal::Malformed(e) => unauthorized(e),
+        Refusal::Full => ReceiverError::new(
+            ErrorKind::Unavailable,
+            "the receiver remembers too many recent requests to accept another one now",
+        ),
+    })?;
+    if let Some(served) = &inner.cfg.tenants {
+        if !served.contains(&tenant) {
+            return Err(ReceiverError::new(
+                ErrorKind::Forbidden,
+                format!("tenant {tenant} is not served by this receiver"),
+            ));
+        }
+    }
+    let slot = inner.slots.try_acquire(&tenant).ok_or_else(|| {
+        ReceiverError::new(
+            ErrorKind::TooManyRequests,
+            format!(
+                "tenant {tenant} already has {} requests in progress, the receiver's limit",
+                limits.max_concurrent_per_tenant
+            ),
+        )
+    })?;
+    Ok(Admitted { tenant, claims, encoding, body, slot })
+}
 
-    let inner = s.inner();
+async fn perform(inner: &Inner, op: Op, a: &Admitted) -> Result<Response, ReceiverError> {
+    let (tenant, claims, body) = (&a.tenant, &a.claims, &a.body);
     match op {
         Op::Authenticate => {
-            let req: AuthenticateRequest = parse(&body)?;
+            let req: AuthenticateRequest = parse(body)?;
             tracing::info!(agent = %req.agent, nonce = %claims.nonce, "authenticated");
             let answer = AuthenticateResponse {
                 replicate: inner.cfg.paused_reason.is_none(),
-                token: auth::receiver_answer(&inner.partner_key, &claims),
+                token: auth::receiver_answer(&inner.partner_key, claims),
                 reason: inner.cfg.paused_reason.clone(),
             };
             Ok(Json(answer).into_response())
         }
         Op::Schema => {
-            let req: protocol::TableSchemaRequest = parse(&body)?;
-            let mut client = inner.client_for(&tenant).await?;
-            let answer = schema::apply(&mut client, &tenant, &req, &inner.cfg).await?;
+            let req: protocol::TableSchemaRequest = parse(body)?;
+            let mut client = inner.client_for(tenant).await?;
+            let answer = schema::apply(&mut client, tenant, &req, &inner.cfg).await?;
             Ok(Json(answer).into_response())
         }
-        Op::Rows if encoding == Encoding::Copy => {
-            let batch = CopyBatch::decode(body).map_err(ReceiverError::bad_request)?;
+        Op::Rows if a.encoding == Encoding::Copy => {
+            let batch = CopyBatch::decode(body.clone()).map_err(ReceiverError::bad_request)?;
             tracing::Span::current().record("table", batch.header.table.as_str());
-            let mut client = inner.client_for(&tenant).await?;
-            let answer = apply::apply(&mut client, &tenant, &apply::Batch::copy(&batch)).await?;
+            check_batch_size(inner, batch.header.rows, batch.payload.len())?;
+            let mut client = inner.client_for(tenant).await?;
+            let answer = apply::apply(&mut client, tenant, &apply::Batch::copy(&batch)).await?;
             Ok(Json(answer).into_response())
         }
         Op::Rows => {
-            let req: protocol::RowBatch = parse(&body)?;
+            let req: protocol::RowBatch = parse(body)?;
             tracing::Span::current().record("table", req.table.as_str());
-            let mut client = inner.client_for(&tenant).await?;
-            let answer = apply::apply(&mut client, &tenant, &apply::Batch::json(&req)).await?;
+            check_batch_size(inner, req.rows.len() as u64, body.len())?;
+            let mut client = inner.client_for(tenant).await?;
+            let answer = apply::apply(&mut client, tenant, &apply::Batch::json(&req)).await?;
             Ok(Json(answer).into_response())
         }
         Op::Advance => {
-            let req: protocol::AdvanceRequest = parse(&body)?;
-            let mut client = inner.client_for(&tenant).await?;
-            let answer = advance::apply(&mut client, &tenant, &req).await?;
+            let req: protocol::AdvanceRequest = parse(body)?;
+            let mut client = inner.client_for(tenant).await?;
+            let answer = advance::apply(&mut client, tenant, &req).await?;
             Ok(Json(answer).into_response())
         }
         Op::Reload => {
-            let req: protocol::ReloadRequest = parse(&body)?;
+            let req: protocol::ReloadRequest = parse(body)?;
             tracing::Span::current().record("table", req.table.as_str());
-            let mut client = inner.client_for(&tenant).await?;
-            let answer = reload::apply(&mut client, &tenant, &req).await?;
+            let mut client = inner.client_for(tenant).await?;
+            let answer = reload::apply(&mut client, tenant, &req).await?;
             Ok(Json(answer).into_response())
         }
         Op::Completed => {
-            let req: protocol::CompletedRequest = parse(&body)?;
-            let mut client = inner.client_for(&tenant).await?;
-            let answer = hooks::apply(&mut client, &inner.cfg.hooks, &tenant, &req).await?;
+            let req: protocol::CompletedRequest = parse(body)?;
+            let mut client = inner.client_for(tenant).await?;
+            let answer = hooks::apply(&mut client, &inner.cfg.hooks, tenant, &req).await?;
             Ok(Json(answer).into_response())
         }
     }
+}
+
+/// The receiver's batch limits, separate from the body limit so that a
+/// partner can allow large schema calls but bound what one transaction
+/// writes.
+fn check_batch_size(inner: &Inner, rows: u64, bytes: usize) -> Result<(), ReceiverError> {
+    let l = &inner.cfg.limits;
+    if rows > l.max_batch_rows {
+        return Err(ReceiverError::new(
+            ErrorKind::PayloadTooLarge,
+            format!("batch has {rows} rows, more than the receiver's limit of {} rows per batch", l.max_batch_rows),
+        ));
+    }
+    if bytes as u64 > l.max_batch_bytes {
+        return Err(ReceiverError::new(
+            ErrorKind::PayloadTooLarge,
+            format!(
+                "batch has {bytes} bytes of rows, more than the receiver's limit of {} bytes per batch",
+                l.max_batch_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Adds the receiver's signature of the answer (see `auth::sign_answer`).
+/// Answers are small JSON documents, so reading one back costs nothing.
+async fn sign(response: Response, claims: &Claims, key: &auth::Keypair) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let bytes = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(b) => b,
+        Err(e) => return refuse(ReceiverError::internal(format!("cannot read back the answer: {e}"))),
+    };
+    let token = auth::sign_answer(key, claims, parts.status.as_u16(), &bytes);
+    parts.headers.insert(
+        auth::ANSWER_SIGNATURE_HEADER,
+        HeaderValue::from_str(&token).expect("a token is base64url and a dot"),
+    );
+    Response::from_parts(parts, Body::from(bytes))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,9 +320,10 @@ fn check_content_type(op: Op, headers: &HeaderMap) -> Result<Encoding, ReceiverE
     ))
 }
 
-/// Reads the body, stopping as soon as it passes `limit` bytes: a declared
-/// length beyond the limit is refused without reading anything.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ReceiverError> {
+/// Reads the body, stopping as soon as it passes `limit` bytes (a declared
+/// length beyond the limit is refused without reading anything) or takes
+/// longer than `timeout`.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize, timeout: Duration) -> Result<Bytes, ReceiverError> {
     let too_large = || {
         ReceiverError::new(
             ErrorKind::PayloadTooLarge,
@@ -224,16 +334,24 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let mut stream = body.into_data_stream();
-    let mut buf = Vec::with_capacity(declared.unwrap_or(0) as usize);
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ReceiverError::bad_request(format!("cannot read request body: {e}")))?;
-        if buf.len() + chunk.len() > limit {
-            return Err(too_large());
+    let read = async {
+        let mut stream = body.into_data_stream();
+        let mut buf = Vec::with_capacity(declared.unwrap_or(0) as usize);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ReceiverError::bad_request(format!("cannot read request body: {e}")))?;
+            if buf.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&chunk);
         }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(Bytes::from(buf))
+        Ok(Bytes::from(buf))
+    };
+    tokio::time::timeout(timeout, read).await.unwrap_or_else(|_| {
+        Err(ReceiverError::new(
+            ErrorKind::RequestTimeout,
+            format!("request body did not arrive within {} seconds", timeout.as_secs()),
+        ))
+    })
 }
 
 /// Strict JSON: unknown fields and invalid UTF-8 are refused with serde's

@@ -17,7 +17,9 @@ mod evolve;
 mod hooks;
 mod http;
 mod reload;
+mod replay;
 mod schema;
+mod slots;
 mod sql;
 mod store;
 
@@ -46,6 +48,8 @@ pub(crate) struct Inner {
     pool: Pool,
     verifier: Verifier,
     partner_key: Keypair,
+    replay: replay::ReplayGuard,
+    slots: slots::TenantSlots,
 }
 
 impl ReceiverService {
@@ -59,21 +63,45 @@ impl ReceiverService {
         Self::with_keys(cfg, partner_key, agent_key).await
     }
 
-    /// Same as [`ReceiverService::new`] with the keys given directly.
+    /// Same as [`ReceiverService::new`] with the partner's key and the
+    /// agent's current key given directly; the agent's next key, if
+    /// configured, is still loaded from `cfg.agent_next_public_key`.
     pub async fn with_keys(
         cfg: ReceiverConfig,
         partner_key: Keypair,
         agent_key: PublicKey,
     ) -> Result<Self, ReceiverError> {
-        let pool = connect(&cfg.database_url)?;
+        let mut agent_keys = vec![agent_key];
+        if let Some(next) = &cfg.agent_next_public_key {
+            agent_keys.push(
+                PublicKey::load(next).map_err(|e| ReceiverError::startup(format!("agent next public key: {e}")))?,
+            );
+        }
+        Self::with_key_set(cfg, partner_key, agent_keys).await
+    }
+
+    /// Same as [`ReceiverService::new`] with every trusted agent key given.
+    pub async fn with_key_set(
+        cfg: ReceiverConfig,
+        partner_key: Keypair,
+        agent_keys: Vec<PublicKey>,
+    ) -> Result<Self, ReceiverError> {
+        let pool = connect(&cfg.database_url, cfg.limits.request_timeout_secs)?;
         {
             let mut client = pool.get().await?;
             let client: &mut tokio_postgres::Client = &mut client;
             store::migrate(client).await?;
         }
-        let verifier = Verifier { agent_key, app: cfg.application.clone(), max_skew_secs: cfg.max_clock_skew_secs };
-        tracing::info!(application = %cfg.application, "receiver ready");
-        Ok(Self { inner: Arc::new(Inner { cfg, pool, verifier, partner_key }) })
+        let verifier = Verifier { agent_keys, app: cfg.application.clone(), max_skew_secs: cfg.max_clock_skew_secs };
+        let replay = replay::ReplayGuard::new(cfg.limits.max_remembered_nonces, cfg.max_clock_skew_secs);
+        let slots = slots::TenantSlots::new(cfg.limits.max_concurrent_per_tenant);
+        tracing::info!(
+            application = %cfg.application,
+            agent_keys = verifier.agent_keys.len(),
+            tenants = cfg.tenants.as_ref().map_or("all".to_owned(), |t| t.len().to_string()),
+            "receiver ready"
+        );
+        Ok(Self { inner: Arc::new(Inner { cfg, pool, verifier, partner_key, replay, slots }) })
     }
 
     /// The HTTP routes of the protocol, with this service as their state.
@@ -95,15 +123,18 @@ impl Inner {
     }
 }
 
-/// Builds the pool; no connection is made until the first `get`.
-fn connect(database_url: &str) -> Result<Pool, ReceiverError> {
+/// Builds the pool; no connection is made until the first `get`. Every
+/// session gets a statement_timeout, so no request holds locks longer than
+/// the receiver's request limit.
+fn connect(database_url: &str, statement_timeout_secs: u64) -> Result<Pool, ReceiverError> {
     let url = resolve_secret(database_url).map_err(|e| ReceiverError::startup(format!("database_url: {e}")))?;
     // The URL is a secret: the parse error is reported without it.
     let mut pg: tokio_postgres::Config =
         url.parse().map_err(|e| ReceiverError::startup(format!("database_url is not a valid PostgreSQL URL: {e}")))?;
+    let ours = format!("{} -c statement_timeout={}s", crate::pgtext::session_options(), statement_timeout_secs);
     let options = match pg.get_options() {
-        Some(existing) => format!("{} {existing}", crate::pgtext::session_options()),
-        None => crate::pgtext::session_options(),
+        Some(existing) => format!("{ours} {existing}"),
+        None => ours,
     };
     pg.options(&options);
     if pg.get_connect_timeout().is_none() {
