@@ -22,7 +22,7 @@ pub struct ReceiverConfig {
     /// Address to listen on, `host:port`.
     pub listen: String,
     /// The partner's PostgreSQL, where mirror schemas live.
-    pub database_url: String,
+    pub database_url: Secret,
     /// The application this receiver serves; tokens for others are refused.
     pub application: AppId,
     /// The partner's private key, signing Authenticate answers.
@@ -64,7 +64,7 @@ impl ReceiverConfig {
     /// programs and tests that build one without a file.
     pub fn new(
         listen: impl Into<String>,
-        database_url: impl Into<String>,
+        database_url: impl Into<Secret>,
         application: AppId,
         private_key: impl Into<String>,
         agent_public_key: impl Into<String>,
@@ -175,7 +175,7 @@ pub struct AgentConfig {
     /// state, leases and run history; required by `agent`, `status`,
     /// `resync` and `maintenance`, not by `sync`.
     #[serde(default)]
-    pub control_database_url: Option<String>,
+    pub control_database_url: Option<Secret>,
     #[serde(default)]
     pub schedule: ScheduleConfig,
     #[serde(default)]
@@ -291,7 +291,7 @@ pub struct TenantConfig {
     pub id: TenantId,
     pub source: SourceKind,
     /// Connection URL of the tenant database, or `env:NAME`.
-    pub url: String,
+    pub url: Secret,
     /// Skip this tenant's cycles (e.g. while its database is migrated); the
     /// control database has the same flag (`ctmirror maintenance`).
     #[serde(default)]
@@ -486,6 +486,41 @@ impl ConfigFile {
     }
 }
 
+/// A configuration value that may carry a credential (a database URL with
+/// its password). `Debug` shows only where it comes from, never the value,
+/// so a configuration printed while debugging or logged leaks nothing.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value, reading the environment variable for `env:NAME`.
+    pub fn resolve(&self) -> Result<String, ConfigError> {
+        resolve_secret(&self.0)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.strip_prefix("env:") {
+            Some(var) => write!(f, "Secret(env:{var})"),
+            None => f.write_str("Secret(<redacted>)"),
+        }
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Self(value.to_owned())
+    }
+}
+
 /// Resolves an `env:NAME` value; other values are returned as they are.
 pub fn resolve_secret(value: &str) -> Result<String, ConfigError> {
     match value.strip_prefix("env:") {
@@ -517,13 +552,13 @@ impl AgentConfig {
 
     /// The control database URL, resolved; a clear error when unset.
     pub fn control_url(&self) -> Result<String, ConfigError> {
-        let url = self.control_database_url.as_deref().ok_or_else(|| ConfigError::Invalid {
+        let url = self.control_database_url.as_ref().ok_or_else(|| ConfigError::Invalid {
             path: "[agent]".into(),
             message: "control_database_url is not set; the agent keeps schedule state, leases and run \
                       history there"
                 .into(),
         })?;
-        resolve_secret(url)
+        url.resolve()
     }
 }
 
@@ -580,6 +615,19 @@ mod tests {
             let err = ConfigFile::parse(text, "c.toml").unwrap_err().to_string();
             assert!(err.contains(expected), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn debug_output_never_shows_database_urls() {
+        let text = "[receiver]\nlisten=\"127.0.0.1:1\"\ndatabase_url=\"postgres://u:hunter2@h/db\"\napplication=\"a\"\n\
+                    private_key=\"k\"\nagent_public_key=\"p\"\n[agent]\nprivate_key=\"k\"\n\
+                    control_database_url=\"postgres://c:hunter3@h/c\"\n[[agent.tenant]]\nid=\"t\"\n\
+                    source=\"postgres\"\nurl=\"postgres://t:hunter4@h/t\"\n";
+        let cfg = ConfigFile::parse(text, "c.toml").unwrap();
+        let shown = format!("{cfg:?} {cfg:#?}");
+        assert!(!shown.contains("hunter"), "{shown}");
+        assert!(shown.contains("Secret(<redacted>)"));
+        assert_eq!(format!("{:?}", Secret::from("env:DB_URL")), "Secret(env:DB_URL)");
     }
 
     #[test]

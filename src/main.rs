@@ -263,7 +263,7 @@ async fn verify(PairArgs { config, tenant, app }: PairArgs, mirror_url: String) 
     let t = cfg.tenant(&tenant).ok_or(format!("tenant {tenant} is not configured"))?;
     let a = cfg.application(&app).ok_or(format!("application {app} is not configured"))?;
     let map = ctmirror::schema_map::SchemaMap::load(&a.schema_map).map_err(|e| e.to_string())?;
-    let source_url = resolve_secret(&t.url).map_err(|e| e.to_string())?;
+    let source_url = t.url.resolve().map_err(|e| e.to_string())?;
     let mirror_url = resolve_secret(&mirror_url).map_err(|e| e.to_string())?;
     let tables = match t.source {
         SourceKind::Postgres => ctmirror::verify::compare_postgres(&source_url, &mirror_url, &tenant, &map).await,

@@ -272,3 +272,67 @@ fn bench_flags_are_checked_before_anything_starts() {
         assert!(stderr.contains(expected) && out.stdout.is_empty(), "{args:?}: {stderr}");
     }
 }
+
+/// Keys given through the environment and database passwords in URLs must
+/// not reach the output, whatever fails and however verbose the logging.
+#[test]
+fn secrets_never_appear_in_output_or_logs() {
+    let dir = scratch("secrets");
+    let stem = dir.join("agent");
+    assert!(run(&["keygen", "--out", stem.to_str().unwrap()]).status.success());
+    assert!(run(&["keygen", "--out", dir.join("partner").to_str().unwrap()]).status.success());
+    let agent_key = std::fs::read_to_string(dir.join("agent.key")).unwrap().trim().to_owned();
+    let partner_key = std::fs::read_to_string(dir.join("partner.key")).unwrap().trim().to_owned();
+    let password = "pw-s3cr3t-4711";
+    let map = Path::new(env!("CARGO_MANIFEST_DIR")).join("schema-maps/crm_insights.toml");
+    let cfg = dir.join("ctmirror.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[receiver]
+listen = "127.0.0.1:{port}"
+database_url = "postgres://postgres:{password}@127.0.0.1:1/mirror"
+application = "crm_insights"
+private_key = "env:CTM_TEST_PARTNER_KEY"
+agent_public_key = "agent.pub"
+plain_http = true
+
+[agent]
+private_key = "env:CTM_TEST_AGENT_KEY"
+
+[[agent.tenant]]
+id = "acme"
+source = "postgres"
+url = "postgres://postgres:{password}@127.0.0.1:1/tenant"
+
+[[agent.application]]
+id = "crm_insights"
+receiver_url = "https://127.0.0.1:1"
+partner_public_key = "partner.pub"
+schema_map = "{}"
+tenants = ["acme"]
+"#,
+            map.display(),
+            port = free_port()
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    for args in [
+        vec!["sync", "--config", cfg, "--tenant", "acme", "--app", "crm_insights"],
+        vec!["receiver", "--config", cfg],
+    ] {
+        let o = bin()
+            .args(&args)
+            .env("RUST_LOG", "trace")
+            .env("CTM_TEST_AGENT_KEY", &agent_key)
+            .env("CTM_TEST_PARTNER_KEY", &partner_key)
+            .output()
+            .unwrap();
+        let out = text(&o);
+        assert!(!o.status.success(), "{args:?} should fail: {out}");
+        assert!(!out.contains(password), "{args:?} printed a database password: {out}");
+        assert!(!out.contains(&agent_key) && !out.contains(&partner_key), "{args:?} printed a private key: {out}");
+    }
+}

@@ -6,7 +6,7 @@ use super::error::AgentError;
 use super::limits::{PartnerLimits, RateLimit};
 use super::report::CycleReport;
 use super::service::{mode_name, CycleRunner, RunResult, ServiceSettings};
-use crate::config::{resolve_secret, AgentConfig};
+use crate::config::AgentConfig;
 use crate::ids::AppId;
 use crate::schedule::{Backoff, Cadence, Outcome, PairKey, RunRecord, TableRun};
 use std::collections::HashMap;
@@ -29,7 +29,7 @@ impl ConfiguredRunner {
         let mut servers = HashMap::new();
         let mut tenant_servers = HashMap::new();
         for t in &cfg.tenants {
-            let url = resolve_secret(&t.url).map_err(|e| {
+            let url = t.url.resolve().map_err(|e| {
                 AgentError::new(super::AgentErrorKind::Config, format!("tenant {}: {e}", t.id))
             })?;
             let server = crate::source::server_address(t.source, &url)

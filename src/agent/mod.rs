@@ -17,7 +17,7 @@ pub use error::{AgentError, AgentErrorKind};
 pub use report::{CycleReport, TableOutcome};
 
 use crate::auth::{Keypair, PublicKey, RequestSigner};
-use crate::config::{resolve_secret, AgentConfig, SourceKind};
+use crate::config::{AgentConfig, SourceKind};
 use crate::ids::{AppId, TenantId};
 use crate::schema_map::SchemaMap;
 use crate::source::mssql::SqlServerSource;
@@ -73,7 +73,7 @@ pub async fn sync_pair(
     .with_next_partner_key(partner_next)
     .with_limits(partner_limits);
     let settings = CycleSettings { limits: ChunkLimits { max_rows: cfg.batch_rows, max_bytes: cfg.batch_bytes } };
-    let url = resolve_secret(&tenant_cfg.url).map_err(|e| config_err(e.to_string()))?;
+    let url = tenant_cfg.url.resolve().map_err(|e| config_err(e.to_string()))?;
     let span = tracing::info_span!("cycle", tenant = %tenant, app = %app);
     async {
         let retention = Duration::from_secs(u64::from(cfg.change_retention_hours) * 3600);

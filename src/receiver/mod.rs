@@ -27,7 +27,7 @@ pub use error::{ErrorKind, ReceiverError};
 pub use sql::quote_ident;
 
 use crate::auth::{Keypair, PublicKey, Verifier};
-use crate::config::{resolve_secret, ReceiverConfig};
+use crate::config::{ReceiverConfig, Secret};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::future::Future;
 use std::sync::Arc;
@@ -126,8 +126,8 @@ impl Inner {
 /// Builds the pool; no connection is made until the first `get`. Every
 /// session gets a statement_timeout, so no request holds locks longer than
 /// the receiver's request limit.
-fn connect(database_url: &str, statement_timeout_secs: u64) -> Result<Pool, ReceiverError> {
-    let url = resolve_secret(database_url).map_err(|e| ReceiverError::startup(format!("database_url: {e}")))?;
+fn connect(database_url: &Secret, statement_timeout_secs: u64) -> Result<Pool, ReceiverError> {
+    let url = database_url.resolve().map_err(|e| ReceiverError::startup(format!("database_url: {e}")))?;
     // The URL is a secret: the parse error is reported without it.
     let mut pg: tokio_postgres::Config =
         url.parse().map_err(|e| ReceiverError::startup(format!("database_url is not a valid PostgreSQL URL: {e}")))?;
