@@ -1157,12 +1157,17 @@ async fn a_deferred_primary_key_may_hold_duplicates_until_commit() {
 
 #[tokio::test]
 async fn a_writers_search_path_cannot_redirect_the_capture() {
-    // Look-alikes of everything a capture function could name unqualified.
+    // Look-alikes of everything a capture function could name unqualified,
+    // operators included: the functions are SECURITY DEFINER, so anything
+    // a writer's search path could redirect would run as their owner.
     let ddl = r#"CREATE TABLE t (id int PRIMARY KEY, v text); CREATE SCHEMA evil;
         CREATE FUNCTION evil.txid_current() RETURNS bigint LANGUAGE sql AS 'SELECT 0::bigint';
         CREATE FUNCTION evil.format(text, name, name) RETURNS text LANGUAGE sql AS $$SELECT 'SELECT 1'$$;
         CREATE TYPE evil.text AS ENUM ('x'); CREATE TYPE evil.int8 AS ENUM ('x');
-        CREATE TABLE evil.ctmirror_ct (id int)"#;
+        CREATE TABLE evil.ctmirror_ct (id int);
+        CREATE FUNCTION evil.same(int, int) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+        CREATE OPERATOR evil.= (LEFTARG = int, RIGHTARG = int, FUNCTION = evil.same);
+        CREATE OPERATOR evil.<> (LEFTARG = int, RIGHTARG = int, FUNCTION = evil.same)"#;
     let (db, client, mut source) = setup("search_path", ddl).await;
     let schema = track(&mut source, &table("t"), &["id", "v"]).await;
     let from = source.min_valid_version(&table("t")).await.unwrap();
@@ -1181,7 +1186,9 @@ async fn a_writers_search_path_cannot_redirect_the_capture() {
         tx.commit().await.unwrap();
         v
     };
-    let v = hostile_write("INSERT INTO t VALUES (1, 'a'), (2, 'b'); UPDATE t SET id = 3 WHERE id = 2").await;
+    // The writer's own comparison is qualified; only the capture is on trial.
+    let v = hostile_write("INSERT INTO t VALUES (1, 'a'), (2, 'b'); UPDATE t SET id = 3 WHERE id OPERATOR(pg_catalog.=) 2")
+        .await;
     let changes = drain_changes(&mut source, &client, &schema, from, 100).await;
     assert_eq!(changes.len(), 3, "{changes:?}");
     assert!(changes.iter().all(|c| c.version == Version(v)), "{changes:?}");
