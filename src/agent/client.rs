@@ -279,12 +279,40 @@ impl PartnerClient {
             .get(auth::ANSWER_SIGNATURE_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| AgentError::new(AgentErrorKind::Transient, format!("reading answer of {url}: {e}")))?;
+        let bytes = read_answer(resp, MAX_ANSWER_BYTES).await.map_err(|mut e| {
+            e.message = format!("{url}: {}", e.message);
+            e
+        })?;
         Ok(Answer { status, bytes, retry_after, signature })
     }
+}
+
+/// Largest answer read from a partner. Real answers are small JSON (a
+/// schema answer for hundreds of tables is well under 1 MiB); the bound
+/// keeps a broken or hostile partner from filling the agent's memory.
+const MAX_ANSWER_BYTES: usize = 8 * 1024 * 1024;
+
+/// Reads an answer's body, refusing one beyond `limit` bytes.
+async fn read_answer(mut resp: reqwest::Response, limit: usize) -> Result<Bytes, AgentError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_long_answer(limit));
+    }
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| AgentError::new(AgentErrorKind::Transient, format!("reading answer: {e}")))?
+    {
+        if buf.len() + chunk.len() > limit {
+            return Err(too_long_answer(limit));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
+}
+
+fn too_long_answer(limit: usize) -> AgentError {
+    AgentError::new(AgentErrorKind::Refused, format!("answer is larger than the agent's limit of {limit} bytes"))
 }
 
 /// Exponential backoff with jitter between attempts within one call.
@@ -369,6 +397,32 @@ mod tests {
         for garbage in ["", "soon", "-5", "1.5", "12abc", "Sun, 99 Nov 2026 10:01:30 GMT"] {
             assert_eq!(parse_retry_after(garbage, now), None, "{garbage:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_answer_beyond_the_limit_is_refused_not_buffered() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        // One answer declares its huge length, the other streams without one.
+        let app = axum::Router::new()
+            .route("/declared", axum::routing::get(|| async { vec![b'x'; 2048] }))
+            .route(
+                "/streamed",
+                axum::routing::get(|| async {
+                    let chunks = futures_util::stream::iter((0..64).map(|_| Ok::<_, std::io::Error>(vec![b'y'; 64])));
+                    axum::body::Body::from_stream(chunks)
+                }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+        let http = reqwest::Client::new();
+        for path in ["/declared", "/streamed"] {
+            let resp = http.get(format!("{url}{path}")).send().await.unwrap();
+            let e = read_answer(resp, 1024).await.unwrap_err();
+            assert_eq!(e.kind, AgentErrorKind::Refused, "{path}: {e}");
+            assert!(e.message.contains("limit of 1024 bytes"), "{path}: {e}");
+        }
+        let resp = http.get(format!("{url}/declared")).send().await.unwrap();
+        assert_eq!(read_answer(resp, 4096).await.unwrap().len(), 2048);
     }
 
     #[test]
