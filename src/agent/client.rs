@@ -186,8 +186,8 @@ impl PartnerClient {
         body: Vec<Bytes>,
         content_type: &'static str,
     ) -> Result<(Claims, Answer), AgentError> {
-        let digest = auth::body_digest_parts(&body.iter().map(|b| &b[..]).collect::<Vec<_>>());
         let len: usize = body.iter().map(Bytes::len).sum();
+        let digest = digest_off_task(&body, len).await;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -284,6 +284,25 @@ impl PartnerClient {
             e
         })?;
         Ok(Answer { status, bytes, retry_after, signature })
+    }
+}
+
+/// Bodies at least this large are hashed on a blocking thread.
+const HASH_ELSEWHERE_FROM: usize = 256 * 1024;
+
+/// SHA-256 of a body in parts. A batch of several MiB takes milliseconds
+/// to hash on CPUs without SHA instructions; on a blocking thread that time
+/// overlaps with reading the next chunk from the source (the pipelined
+/// table sync polls both on one task) instead of stalling it.
+async fn digest_off_task(body: &[Bytes], len: usize) -> String {
+    let hash = |parts: &[Bytes]| auth::body_digest_parts(&parts.iter().map(|b| &b[..]).collect::<Vec<_>>());
+    if len < HASH_ELSEWHERE_FROM {
+        return hash(body);
+    }
+    let parts = body.to_vec();
+    match tokio::task::spawn_blocking(move || hash(&parts)).await {
+        Ok(digest) => digest,
+        Err(_) => hash(body),
     }
 }
 
