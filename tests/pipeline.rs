@@ -240,9 +240,32 @@ async fn a_pipelined_load_killed_midway_resumes_without_loss() {
     let p = Pipeline::start_with("killed_load", sql, SIMPLE_MAP, small_batches(100)).await;
     p.wait_quiet().await;
     let mut kills_inside_the_load = 0;
-    for (round, ms) in [120u64, 200, 80, 300, 150, 250, 400, 600].into_iter().enumerate() {
-        let run = tokio::time::timeout(std::time::Duration::from_millis(ms), p.cycle_now()).await;
-        if run.is_ok() {
+    for (round, extra_ms) in [0u64, 30, 5, 60, 15, 45, 10, 90].into_iter().enumerate() {
+        // Kill once the load has moved since the last kill, plus a little:
+        // progress, not wall time, so a slow machine still kills mid-load.
+        let before = p.mirror_cursor("item").await;
+        let cycle = p.cycle_now();
+        tokio::pin!(cycle);
+        let finished = loop {
+            tokio::select! {
+                _ = &mut cycle => break true,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(10)) => {
+                    let now = p.mirror_cursor("item").await;
+                    if now != before && matches!(now, Some(ctmirror::protocol::Cursor::Snapshot { .. })) {
+                        break false;
+                    }
+                }
+            }
+        };
+        if finished {
+            break;
+        }
+        let finished = tokio::select! {
+            _ = &mut cycle => true,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(extra_ms)) => false,
+        };
+        drop(cycle);
+        if finished {
             break;
         }
         if matches!(p.mirror_cursor("item").await, Some(ctmirror::protocol::Cursor::Snapshot { .. })) {
