@@ -799,12 +799,14 @@ impl Bench {
     }
 
     /// One config per receiver: its [receiver] section and the [agent]
-    /// section the syncs against it use.
+    /// section the syncs against it use. Plain HTTP on loopback: the
+    /// pipelines compared (a raw COPY pipe, logical replication) are not
+    /// encrypted either.
     fn write_config(&self, name: &str, app: &str, port: u16, mirror_db: &str) -> Result<PathBuf> {
         let mut text = format!(
             "# Written by benches/pipeline.rs: receiver {name} and the syncs against it.\n\
              [receiver]\nlisten = \"127.0.0.1:{port}\"\ndatabase_url = \"{}\"\napplication = \"{app}\"\n\
-             private_key = \"keys/partner.key\"\nagent_public_key = \"keys/agent.pub\"\n\n\
+             private_key = \"keys/partner.key\"\nagent_public_key = \"keys/agent.pub\"\nplain_http = true\n\n\
              [agent]\nprivate_key = \"keys/agent.key\"\n",
             self.mirror_url(mirror_db)
         );
@@ -818,7 +820,8 @@ impl Bench {
         let approved: Vec<String> = TENANTS.iter().filter(|t| t.app == app).map(|t| format!("\"{}\"", t.id)).collect();
         text.push_str(&format!(
             "\n[[agent.application]]\nid = \"{app}\"\nreceiver_url = \"http://127.0.0.1:{port}\"\n\
-             partner_public_key = \"keys/partner.pub\"\nschema_map = \"maps/{app}.toml\"\ntenants = [{}]\n",
+             allow_plain_http = true\npartner_public_key = \"keys/partner.pub\"\n\
+             schema_map = \"maps/{app}.toml\"\ntenants = [{}]\n",
             approved.join(", ")
         ));
         let path = self.run_dir.join(format!("ctmirror-{name}.toml"));

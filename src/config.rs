@@ -55,8 +55,27 @@ pub struct ReceiverConfig {
     /// When set, Authenticate answers "do not replicate" with this reason.
     #[serde(default)]
     pub paused_reason: Option<String>,
+    /// PEM certificate chain (server certificate first) served over HTTPS;
+    /// set together with `tls_key`.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP instead. The agent's tokens and the rows then travel
+    /// unencrypted, so this is only for a receiver behind a TLS-terminating
+    /// proxy or on loopback; it must be asked for, never a silent default.
+    #[serde(default)]
+    pub plain_http: bool,
     #[serde(default)]
     pub hooks: HookConfig,
+}
+
+/// How the receiver serves: what [`ReceiverConfig::transport`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport<'a> {
+    Tls { cert: &'a Path, key: &'a Path },
+    PlainHttp,
 }
 
 impl ReceiverConfig {
@@ -83,7 +102,29 @@ impl ReceiverConfig {
             drop_unmapped_tables: true,
             keep_dropped_columns: false,
             paused_reason: None,
+            tls_cert: None,
+            tls_key: None,
+            plain_http: false,
             hooks: HookConfig::default(),
+        }
+    }
+
+    /// HTTPS with `tls_cert` and `tls_key`, or plain HTTP when asked for
+    /// explicitly; anything else is refused with what to set. Both config
+    /// validation and `receiver::serve` decide through here, so a config
+    /// built in code cannot fall back to plain HTTP either.
+    pub fn transport(&self) -> Result<Transport<'_>, String> {
+        const CHOOSE: &str = "set tls_cert and tls_key (PEM files) to serve HTTPS, or plain_http = true to serve \
+                              plain HTTP behind a TLS-terminating proxy or on loopback";
+        match (&self.tls_cert, &self.tls_key, self.plain_http) {
+            (Some(cert), Some(key), false) => Ok(Transport::Tls { cert, key }),
+            (None, None, true) => Ok(Transport::PlainHttp),
+            (None, None, false) => Err(format!("receiver: neither TLS nor plain HTTP is configured; {CHOOSE}")),
+            (Some(_), Some(_), true) => Err("receiver: tls_cert/tls_key and plain_http = true contradict each other; \
+                                             remove plain_http to serve HTTPS"
+                .into()),
+            (Some(_), None, _) => Err(format!("receiver.tls_cert is set but tls_key is not; {CHOOSE}")),
+            (None, Some(_), _) => Err(format!("receiver.tls_key is set but tls_cert is not; {CHOOSE}")),
         }
     }
 }
@@ -319,6 +360,16 @@ pub struct ApplicationConfig {
     /// Request body bytes per second to this partner at most (0: no limit).
     #[serde(default)]
     pub bytes_per_sec: u32,
+    /// PEM bundle of the CA certificates the receiver's certificate must
+    /// chain to, for a partner with a private CA. When set, these are the
+    /// only roots trusted for this partner; unset, the system's root store.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Allow an `http://` receiver_url. Tokens and rows then travel
+    /// unencrypted: only for a receiver on loopback or behind a
+    /// TLS-terminating proxy on the same host.
+    #[serde(default)]
+    pub allow_plain_http: bool,
 }
 
 fn yes() -> bool {
@@ -404,6 +455,7 @@ impl ConfigFile {
             if r.tenants.as_ref().is_some_and(Vec::is_empty) {
                 return Err("receiver.tenants is empty: leave it out to serve every tenant, or list the tenants served".into());
             }
+            r.transport()?;
         }
         if let Some(a) = &self.agent {
             if a.batch_rows == 0 || a.batch_bytes < 1024 {
@@ -440,6 +492,14 @@ impl ConfigFile {
                 if !(app.receiver_url.starts_with("http://") || app.receiver_url.starts_with("https://")) {
                     return Err(format!("application {}: receiver_url must start with http:// or https://", app.id));
                 }
+                if app.receiver_url.starts_with("http://") && !app.allow_plain_http {
+                    return Err(format!(
+                        "application {}: receiver_url {} is plain HTTP, which would send tokens and rows \
+                         unencrypted; use https://, or set allow_plain_http = true for a receiver on loopback \
+                         or behind a TLS-terminating proxy on this host",
+                        app.id, app.receiver_url
+                    ));
+                }
                 for t in &app.tenants {
                     if !ids.contains(t) {
                         return Err(format!("application {} names tenant {t}, which is not configured", app.id));
@@ -456,12 +516,18 @@ impl ConfigFile {
                 *p = base.join(&*p).display().to_string();
             }
         };
+        let fix_path = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
         if let Some(r) = &mut self.receiver {
             fix(&mut r.private_key);
             fix(&mut r.agent_public_key);
             if let Some(next) = &mut r.agent_next_public_key {
                 fix(next);
             }
+            r.tls_cert.iter_mut().chain(r.tls_key.iter_mut()).for_each(fix_path);
         }
         if let Some(a) = &mut self.agent {
             fix(&mut a.private_key);
@@ -470,9 +536,8 @@ impl ConfigFile {
                 if let Some(next) = &mut app.partner_next_public_key {
                     fix(next);
                 }
-                if app.schema_map.is_relative() {
-                    app.schema_map = base.join(&app.schema_map);
-                }
+                fix_path(&mut app.schema_map);
+                app.ca_file.iter_mut().for_each(fix_path);
             }
         }
     }
@@ -575,7 +640,11 @@ mod tests {
 
     #[test]
     fn garbage_is_refused_clearly() {
-        let recv = "[receiver]\nlisten=\"127.0.0.1:1\"\ndatabase_url=\"x\"\napplication=\"a\"\nprivate_key=\"k\"\nagent_public_key=\"p\"\n";
+        let bare = "[receiver]\nlisten=\"127.0.0.1:1\"\ndatabase_url=\"x\"\napplication=\"a\"\nprivate_key=\"k\"\nagent_public_key=\"p\"\n";
+        let recv = format!("{bare}tls_cert=\"cert.pem\"\ntls_key=\"key.pem\"\n");
+        let app = |extra: &str| {
+            format!("[agent]\nprivate_key=\"k\"\n[[agent.application]]\nid=\"a\"\nreceiver_url=\"http://x\"\npartner_public_key=\"p\"\nschema_map=\"m\"\ntenants=[]\n{extra}")
+        };
         let cases = [
             ("[receiver]\nlisten=1", "invalid type"),
             ("[nonsense]\n", "unknown field"),
@@ -593,9 +662,18 @@ mod tests {
             (&format!("{recv}[receiver.limits]\nmax_remembered_nonces=5\n"), "max_remembered_nonces"),
             (&format!("{recv}[receiver.limits]\nmax_batch_rows=-1\n"), "invalid value"),
             (&format!("{recv}[receiver.limits]\nbogus=1\n"), "unknown field"),
+            (bare, "neither TLS nor plain HTTP is configured; set tls_cert and tls_key"),
+            (&format!("{bare}tls_cert=\"cert.pem\"\n"), "tls_cert is set but tls_key is not"),
+            (&format!("{bare}tls_key=\"key.pem\"\n"), "tls_key is set but tls_cert is not"),
+            (&format!("{bare}tls_key=\"key.pem\"\nplain_http=true\n"), "tls_key is set but tls_cert is not"),
+            (&format!("{recv}plain_http=true\n"), "contradict each other"),
+            (&format!("{bare}plain_http=\"yes\"\n"), "invalid type"),
+            (&app(""), "receiver_url http://x is plain HTTP"),
+            (&app("allow_plain_http=\"yes\"\n"), "invalid type"),
+            (&app("ca_file=[]\n"), "invalid type"),
             ("[agent]\nprivate_key=\"k\"\nbatch_rows=0\n", "batch_rows"),
             ("[agent]\nprivate_key=\"k\"\n[[agent.application]]\nid=\"a\"\nreceiver_url=\"ftp://x\"\npartner_public_key=\"p\"\nschema_map=\"m\"\ntenants=[]\n", "http"),
-            ("[agent]\nprivate_key=\"k\"\n[[agent.application]]\nid=\"a\"\nreceiver_url=\"http://x\"\npartner_public_key=\"p\"\nschema_map=\"m\"\ntenants=[\"ghost\"]\n", "not configured"),
+            ("[agent]\nprivate_key=\"k\"\n[[agent.application]]\nid=\"a\"\nreceiver_url=\"https://x\"\npartner_public_key=\"p\"\nschema_map=\"m\"\ntenants=[\"ghost\"]\n", "not configured"),
             ("[agent]\nprivate_key=\"k\"\n[[agent.tenant]]\nid=\"Bad\"\nsource=\"postgres\"\nurl=\"u\"\n", "invalid tenant id"),
             ("[agent]\nprivate_key=\"k\"\n[[agent.tenant]]\nid=\"t\"\nsource=\"oracle\"\nurl=\"u\"\n", "unknown variant"),
             ("[agent]\nprivate_key=\"k\"\n[agent.schedule]\ninterval_secs=0\n", "interval_secs"),
@@ -628,6 +706,41 @@ mod tests {
         assert!(!shown.contains("hunter"), "{shown}");
         assert!(shown.contains("Secret(<redacted>)"));
         assert_eq!(format!("{:?}", Secret::from("env:DB_URL")), "Secret(env:DB_URL)");
+    }
+
+    #[test]
+    fn tls_settings_parse_and_their_paths_resolve_against_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("ctm-config-tls-{}", crate::auth::new_nonce()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "[receiver]\nlisten=\"127.0.0.1:1\"\ndatabase_url=\"x\"\napplication=\"a\"\nprivate_key=\"k\"\n\
+             agent_public_key=\"p\"\ntls_cert=\"tls/cert.pem\"\ntls_key=\"/etc/tls/key.pem\"\n\
+             [agent]\nprivate_key=\"k\"\n[[agent.application]]\nid=\"a\"\nreceiver_url=\"https://x\"\n\
+             partner_public_key=\"p\"\nschema_map=\"m\"\ntenants=[]\nca_file=\"partner-ca.pem\"\n\
+             [[agent.application]]\nid=\"b\"\nreceiver_url=\"http://127.0.0.1:9\"\nallow_plain_http=true\n\
+             partner_public_key=\"p\"\nschema_map=\"m\"\ntenants=[]\n",
+        )
+        .unwrap();
+        let cfg = ConfigFile::load(&path).unwrap();
+        let r = cfg.receiver.as_ref().unwrap();
+        let cert = dir.join("tls/cert.pem");
+        assert_eq!(r.transport(), Ok(Transport::Tls { cert: &cert, key: Path::new("/etc/tls/key.pem") }));
+        let apps = &cfg.agent.as_ref().unwrap().applications;
+        assert_eq!(apps[0].ca_file.as_deref(), Some(dir.join("partner-ca.pem").as_path()));
+        assert!(!apps[0].allow_plain_http && apps[1].allow_plain_http && apps[1].ca_file.is_none());
+
+        let plain = "[receiver]\nlisten=\"127.0.0.1:1\"\ndatabase_url=\"x\"\napplication=\"a\"\nprivate_key=\"k\"\n\
+                     agent_public_key=\"p\"\nplain_http=true\n";
+        let cfg = ConfigFile::parse(plain, "plain.toml").unwrap();
+        assert_eq!(cfg.receiver.unwrap().transport(), Ok(Transport::PlainHttp));
+    }
+
+    #[test]
+    fn a_receiver_config_built_in_code_has_no_transport_until_one_is_chosen() {
+        let cfg = ReceiverConfig::new("127.0.0.1:0", "x", AppId::new("a").unwrap(), "k", "p");
+        assert!(cfg.transport().unwrap_err().contains("neither TLS nor plain HTTP"));
     }
 
     #[test]

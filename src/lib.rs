@@ -17,4 +17,5 @@ pub mod receiver;
 pub mod schedule;
 pub mod schema_map;
 pub mod source;
+pub mod tls;
 pub mod verify;

@@ -40,6 +40,19 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write a throwaway CA and receiver certificate, for tests and demos.
+    ///
+    /// <DIR>/ca.pem is the agent's ca_file; <DIR>/cert.pem and <DIR>/key.pem
+    /// (mode 0600) are the receiver's tls_cert and tls_key. Never
+    /// overwrites. Production receivers use a certificate from a real CA.
+    TlsSelfsigned {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// A name or IP address the certificate is for; repeat for several.
+        #[arg(long = "host", value_name = "NAME", default_values = ctmirror::tls::DEFAULT_HOSTS)]
+        hosts: Vec<String>,
+    },
     /// Serve the reference receiver until SIGTERM or Ctrl-C.
     Receiver {
         /// Configuration file with a [receiver] section.
@@ -158,6 +171,19 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             let key = Keypair::generate();
             let (private, public) = key.write_files(&out).map_err(|e| e.to_string())?;
             out!("private key: {private}\npublic key:  {public}\n{}", key.public_base64());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::TlsSelfsigned { dir, hosts } => {
+            let [ca, cert, key] = ctmirror::tls::write_self_signed(&dir, &hosts).map_err(|e| e.to_string())?;
+            out!(
+                "CA certificate:     {} (agent: ca_file)\nserver certificate: {} (receiver: tls_cert) for {}\n\
+                 server key:         {} (receiver: tls_key)\nfor tests and demos only: production receivers use a \
+                 certificate from a real CA",
+                ca.display(),
+                cert.display(),
+                hosts.join(", "),
+                key.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Receiver { config } => {

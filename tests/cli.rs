@@ -83,13 +83,13 @@ fn bad_config_files_fail_clearly() {
     assert!(text(&o).contains("is invalid"), "{}", text(&o));
 
     let receiver_only = dir.join("receiver.toml");
-    std::fs::write(&receiver_only, "[receiver]\nlisten=\"127.0.0.1:1\"\ndatabase_url=\"x\"\napplication=\"a\"\nprivate_key=\"k\"\nagent_public_key=\"p\"\n").unwrap();
+    std::fs::write(&receiver_only, "[receiver]\nlisten=\"127.0.0.1:1\"\ndatabase_url=\"x\"\napplication=\"a\"\nprivate_key=\"k\"\nagent_public_key=\"p\"\nplain_http=true\n").unwrap();
     let o = run(&["sync", "--config", receiver_only.to_str().unwrap(), "--tenant", "acme", "--app", "crm"]);
     assert!(text(&o).contains("no [agent] section"), "{}", text(&o));
 
     let bad_key = dir.join("badkey.toml");
     std::fs::write(dir.join("agent.key"), "definitely not a key").unwrap();
-    std::fs::write(&bad_key, "[receiver]\nlisten=\"127.0.0.1:1\"\ndatabase_url=\"postgres://127.0.0.1:1/x\"\napplication=\"a\"\nprivate_key=\"agent.key\"\nagent_public_key=\"agent.key\"\n").unwrap();
+    std::fs::write(&bad_key, "[receiver]\nlisten=\"127.0.0.1:1\"\ndatabase_url=\"postgres://127.0.0.1:1/x\"\napplication=\"a\"\nprivate_key=\"agent.key\"\nagent_public_key=\"agent.key\"\nplain_http=true\n").unwrap();
     let o = run(&["receiver", "--config", bad_key.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("not valid"), "{}", text(&o));
@@ -110,6 +110,8 @@ database_url = "env:CTM_CLI_MIRROR_URL"
 application = "crm_insights"
 private_key = "keys/partner.key"
 agent_public_key = "keys/agent.pub"
+# Loopback only; HTTPS through the binary: tests/tls.rs.
+plain_http = true
 
 [agent]
 private_key = "keys/agent.key"
@@ -123,6 +125,7 @@ url = "{source_url}"
 [[agent.application]]
 id = "crm_insights"
 receiver_url = "http://127.0.0.1:{port}"
+allow_plain_http = true
 partner_public_key = "keys/partner.pub"
 schema_map = "{}"
 tenants = ["acme"]
@@ -332,6 +335,7 @@ tenants = ["acme"]
             .unwrap();
         let out = text(&o);
         assert!(!o.status.success(), "{args:?} should fail: {out}");
+        assert!(out.contains("error connecting to server"), "{args:?} should get as far as the database: {out}");
         assert!(!out.contains(password), "{args:?} printed a database password: {out}");
         assert!(!out.contains(&agent_key) && !out.contains(&partner_key), "{args:?} printed a private key: {out}");
     }

@@ -182,7 +182,7 @@ impl Fleet {
         for (id, url, tenants) in &self.apps {
             let list = tenants.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(", ");
             cfg.push_str(&format!(
-                "[[agent.application]]\nid = \"{id}\"\nreceiver_url = \"{url}\"\n\
+                "[[agent.application]]\nid = \"{id}\"\nreceiver_url = \"{url}\"\nallow_plain_http = true\n\
                  partner_public_key = \"keys/partner.pub\"\nschema_map = \"{id}.map.toml\"\ntenants = [{list}]\n"
             ));
         }
@@ -433,8 +433,10 @@ async fn a_short_retry_after_is_waited_out_and_a_long_one_reschedules_the_pair()
         tenant: TenantId::new("acme").unwrap(),
         app: AppId::new("crm").unwrap(),
     };
+    let trust = ctmirror::agent::TlsTrust::allowing_plain_http();
+    let partner_key = Keypair::generate().public();
     let client =
-        ctmirror::agent::PartnerClient::new(&url, signer, Keypair::generate().public(), Duration::from_secs(5)).unwrap();
+        ctmirror::agent::PartnerClient::new(&url, signer, partner_key, Duration::from_secs(5), &trust).unwrap();
     let err = client.authenticate().await.unwrap_err();
     assert_eq!(err.kind, ctmirror::agent::AgentErrorKind::Transient);
     assert_eq!(err.retry_after, Some(Duration::from_secs(1)));

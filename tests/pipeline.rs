@@ -213,14 +213,15 @@ async fn wrong_keys_fail_authentication_and_write_nothing() {
     let timeout = std::time::Duration::from_secs(5);
     // An agent key the receiver does not know: the receiver refuses.
     let signer = RequestSigner { key: Keypair::generate(), tenant: p.tenant.clone(), app: app.clone() };
-    let stranger = PartnerClient::new(&p.receiver_url, signer, p.partner_public, timeout).unwrap();
+    let trust = ctmirror::agent::TlsTrust::allowing_plain_http();
+    let stranger = PartnerClient::new(&p.receiver_url, signer, p.partner_public, timeout, &trust).unwrap();
     let e = stranger.authenticate().await.unwrap_err();
     assert_eq!(e.kind, AgentErrorKind::Auth, "{e}");
     assert!(e.message.contains("401"), "{e}");
     // The right agent key, but the answer is checked against another partner
     // key: the agent refuses to go on.
     let signer = RequestSigner { key: p.agent_key.clone(), tenant: p.tenant.clone(), app };
-    let fooled = PartnerClient::new(&p.receiver_url, signer, Keypair::generate().public(), timeout).unwrap();
+    let fooled = PartnerClient::new(&p.receiver_url, signer, Keypair::generate().public(), timeout, &trust).unwrap();
     let e = fooled.authenticate().await.unwrap_err();
     assert_eq!(e.kind, AgentErrorKind::Auth, "{e}");
     assert!(e.message.contains("did not verify"), "{e}");
@@ -244,8 +245,7 @@ async fn a_pipelined_load_killed_midway_resumes_without_loss() {
         // Kill once the load has moved since the last kill, plus a little:
         // progress, not wall time, so a slow machine still kills mid-load.
         let before = p.mirror_cursor("item").await;
-        let cycle = p.cycle_now();
-        tokio::pin!(cycle);
+        let mut cycle = Box::pin(p.cycle_now());
         let finished = loop {
             tokio::select! {
                 _ = &mut cycle => break true,
@@ -325,8 +325,9 @@ async fn tampering_proxy(
 async fn cycle_through(p: &Pipeline, url: &str) -> Result<ctmirror::agent::CycleReport, ctmirror::agent::AgentError> {
     use ctmirror::auth::RequestSigner;
     let signer = RequestSigner { key: p.agent_key.clone(), tenant: p.tenant.clone(), app: "crm_insights".parse().unwrap() };
-    let client = ctmirror::agent::PartnerClient::new(url, signer, p.partner_public, std::time::Duration::from_secs(10))
-        .unwrap();
+    let trust = ctmirror::agent::TlsTrust::allowing_plain_http();
+    let timeout = std::time::Duration::from_secs(10);
+    let client = ctmirror::agent::PartnerClient::new(url, signer, p.partner_public, timeout, &trust).unwrap();
     let mut source = p.connect_source().await;
     let settings = ctmirror::agent::CycleSettings { limits: p.limits };
     ctmirror::agent::run_cycle(&mut source, &client, &p.map, "acme", settings).await

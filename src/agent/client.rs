@@ -14,6 +14,7 @@
 
 use super::error::{AgentError, AgentErrorKind};
 use super::limits::PartnerLimits;
+use super::trust::TlsTrust;
 use crate::auth::{self, Claims, PublicKey, RequestSigner};
 use crate::protocol::copy::{self, CopyBatch};
 use bytes::Bytes;
@@ -62,16 +63,22 @@ pub enum BatchOutcome {
 }
 
 impl PartnerClient {
+    /// `trust` decides which certificates the receiver may present and
+    /// whether `base_url` may be plain HTTP (see [`TlsTrust`]).
     pub fn new(
         base_url: &str,
         signer: RequestSigner,
         partner_key: PublicKey,
         timeout: Duration,
+        trust: &TlsTrust,
     ) -> Result<Self, AgentError> {
-        let http = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(10))
-            .user_agent(concat!("ctmirror-agent/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("ctmirror-agent/", env!("CARGO_PKG_VERSION")));
+        let http = trust
+            .configure(base_url, builder)
+            .map_err(|e| AgentError::new(AgentErrorKind::Config, e.to_string()))?
             .build()
             .map_err(|e| AgentError::new(AgentErrorKind::Config, format!("HTTP client: {e}")))?;
         Ok(Self {
@@ -264,7 +271,7 @@ impl PartnerClient {
             .body(body)
             .send()
             .await
-            .map_err(|e| AgentError::new(AgentErrorKind::Transient, format!("POST {url}: {}", error_chain(&e))))?;
+            .map_err(|e| send_error(&url, &e))?;
         let status = resp.status().as_u16();
         let retry_after = if status == 429 || status == 503 {
             resp.headers()
@@ -358,6 +365,18 @@ fn jitter(base_ms: u64) -> u64 {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).ok();
     base_ms / 2 + u64::from_le_bytes(b) % (base_ms / 2 + 1)
+}
+
+/// A failed send. A certificate the agent does not trust is definite: it
+/// needs an operator (a CA file, a renewed certificate), and retrying soon
+/// only repeats the handshake, so it is an [`AgentErrorKind::Auth`] failure;
+/// everything else on the way (refused, reset, timed out) is transient.
+fn send_error(url: &str, e: &reqwest::Error) -> AgentError {
+    let chain = error_chain(e);
+    if chain.contains("invalid peer certificate") {
+        return AgentError::new(AgentErrorKind::Auth, format!("POST {url}: TLS: the receiver's certificate is not trusted: {chain}"));
+    }
+    AgentError::new(AgentErrorKind::Transient, format!("POST {url}: {chain}"))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -23,7 +23,8 @@ pub struct ConfiguredRunner {
 
 impl ConfiguredRunner {
     /// Fails when a tenant's connection string cannot be parsed (or its
-    /// `env:` variable is unset): better at start than at 3 a.m.
+    /// `env:` variable is unset), or a partner's CA file cannot be used:
+    /// better at start than at 3 a.m.
     pub fn new(cfg: AgentConfig) -> Result<Self, AgentError> {
         let mut pair_servers = HashMap::new();
         let mut servers = HashMap::new();
@@ -41,6 +42,11 @@ impl ConfiguredRunner {
         }
         for pair in cfg.pairs() {
             pair_servers.insert(pair.clone(), tenant_servers[&pair.tenant].clone());
+        }
+        for a in &cfg.applications {
+            super::TlsTrust::for_application(a).check().map_err(|e| {
+                AgentError::new(super::AgentErrorKind::Config, format!("application {}: {e}", a.id))
+            })?;
         }
         let partners = cfg
             .applications

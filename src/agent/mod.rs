@@ -10,11 +10,13 @@ pub mod report;
 pub mod service;
 pub mod stop;
 mod table_sync;
+pub mod trust;
 
 pub use client::PartnerClient;
 pub use cycle::{run_controlled_cycle, run_cycle, CycleControl, CycleSettings, ProgressFn, Reload};
 pub use error::{AgentError, AgentErrorKind};
 pub use report::{CycleReport, TableOutcome};
+pub use trust::TlsTrust;
 
 use crate::auth::{Keypair, PublicKey, RequestSigner};
 use crate::config::{AgentConfig, SourceKind};
@@ -69,6 +71,7 @@ pub async fn sync_pair(
         signer,
         partner_key,
         Duration::from_secs(cfg.request_timeout_secs),
+        &TlsTrust::for_application(app_cfg),
     )?
     .with_next_partner_key(partner_next)
     .with_limits(partner_limits);

@@ -5,7 +5,8 @@
 //! protocol calls (`http`), and each call's database work lives in its own
 //! module: `schema` (with `evolve` for changed schemas), `apply` (rows),
 //! `reload` (shadow tables), `hooks` (completed). The bookkeeping tables
-//! are in `store`, type mapping and DDL in `ddl`.
+//! are in `store`, type mapping and DDL in `ddl`. [`serve`] is what
+//! `ctmirror receiver` runs: HTTPS (or plain HTTP, when asked for) in `tls`.
 //! See `docs/receiver.md`.
 
 mod advance;
@@ -22,9 +23,11 @@ mod schema;
 mod slots;
 mod sql;
 mod store;
+mod tls;
 
 pub use error::{ErrorKind, ReceiverError};
 pub use sql::quote_ident;
+pub use tls::{server_config, TlsError};
 
 use crate::auth::{Keypair, PublicKey, Verifier};
 use crate::config::{ReceiverConfig, Secret};
@@ -150,19 +153,54 @@ fn connect(database_url: &Secret, statement_timeout_secs: u64) -> Result<Pool, R
         .map_err(|e| ReceiverError::startup(format!("cannot build connection pool: {e}")))
 }
 
-/// Binds `cfg.listen` and serves until `shutdown` resolves.
+/// Binds `cfg.listen` and serves until `shutdown` resolves: what
+/// `ctmirror receiver` runs. Refuses a configuration that chose neither TLS
+/// nor plain HTTP.
 pub async fn serve(
     cfg: ReceiverConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ReceiverError> {
+    bind(cfg).await?.serve(shutdown).await
+}
+
+/// Everything [`serve`] does before the first connection: loads the TLS
+/// certificate (first, so a bad file fails before the database is
+/// touched), starts the service and binds. Separate so that a caller with
+/// `listen` on port 0 (tests) learns the address before serving.
+pub async fn bind(cfg: ReceiverConfig) -> Result<BoundReceiver, ReceiverError> {
+    let listening = tls::Listening::load(&cfg)?;
     let listen = cfg.listen.clone();
     let service = ReceiverService::new(cfg).await?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| ReceiverError::startup(format!("cannot listen on {listen}: {e}")))?;
-    tracing::info!(%listen, "receiver listening");
-    axum::serve(listener, service.router())
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| ReceiverError::internal(format!("server failed: {e}")))
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| ReceiverError::startup(format!("cannot listen on {listen}: {e}")))?;
+    Ok(BoundReceiver { listener, local_addr, listening, service })
+}
+
+/// A receiver that listens but does not accept yet; see [`bind`].
+pub struct BoundReceiver {
+    listener: tokio::net::TcpListener,
+    local_addr: std::net::SocketAddr,
+    listening: tls::Listening,
+    service: ReceiverService,
+}
+
+impl BoundReceiver {
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.local_addr
+    }
+
+    /// `https` or `http`.
+    pub fn scheme(&self) -> &'static str {
+        self.listening.scheme()
+    }
+
+    /// Serves until `shutdown` resolves and requests in flight have ended.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ReceiverError> {
+        tracing::info!(listen = %self.local_addr, scheme = self.scheme(), "receiver listening");
+        tls::serve(self.listener, self.listening, self.service.router(), shutdown).await
+    }
 }

@@ -9,7 +9,7 @@ pub mod drivers;
 #[allow(unused_imports)]
 pub use drivers::{Dialect, MssqlDriver, PgDriver, SourceDriver};
 
-use ctmirror::agent::{run_cycle, CycleReport, CycleSettings, PartnerClient};
+use ctmirror::agent::{run_cycle, CycleReport, CycleSettings, PartnerClient, TlsTrust};
 use ctmirror::auth::{Keypair, PublicKey, RequestSigner};
 use ctmirror::config::{HookConfig, ReceiverConfig};
 use ctmirror::ids::{AppId, TenantId};
@@ -146,7 +146,9 @@ impl<D: SourceDriver> Pipeline<D> {
     pub fn client(&self) -> PartnerClient {
         let key = self.agent_key.clone();
         let signer = RequestSigner { key, tenant: self.tenant.clone(), app: AppId::new(APP).unwrap() };
-        PartnerClient::new(&self.receiver_url, signer, self.partner_public, Duration::from_secs(60)).unwrap()
+        // The in-process receiver serves plain HTTP on loopback (TLS: tests/tls.rs).
+        let trust = TlsTrust::allowing_plain_http();
+        PartnerClient::new(&self.receiver_url, signer, self.partner_public, Duration::from_secs(60), &trust).unwrap()
     }
 
     pub async fn connect_source(&self) -> D::Src {
