@@ -195,6 +195,13 @@ impl Keypair {
         Ok(Self { key: SigningKey::from_bytes(&decode_32(&text, &origin)?) })
     }
 
+    /// A key from a fixed 32-byte seed. For fuzzing and tests, whose
+    /// inputs must verify the same way on every run; real keys come from
+    /// [`Keypair::generate`] and [`Keypair::load`].
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        Self { key: SigningKey::from_bytes(&seed) }
+    }
+
     pub fn public(&self) -> PublicKey {
         PublicKey(self.key.verifying_key())
     }
@@ -313,10 +320,7 @@ impl Verifier {
             .and_then(|rest| rest.strip_prefix(' '))
             .ok_or(AuthError::Missing)?;
         let claims = decode_verified(token.trim(), Role::Agent, &self.agent_keys)?;
-        let skew = claims.ts.saturating_sub(now);
-        if skew.abs() > self.max_skew_secs {
-            return Err(AuthError::OutsideWindow(skew));
-        }
+        check_window(claims.ts, now, self.max_skew_secs)?;
         if &claims.tenant != req.tenant {
             return Err(AuthError::WrongTenant {
                 token: claims.tenant.to_string(),
@@ -418,9 +422,16 @@ fn check_answer_claims(claims: &Claims, sent: &Claims, max_skew_secs: i64, now: 
             request: format!("{} {}", sent.method, sent.path),
         });
     }
-    let skew = claims.ts.saturating_sub(now);
-    if skew.abs() > max_skew_secs {
-        return Err(AuthError::OutsideWindow(skew));
+    check_window(claims.ts, now, max_skew_secs)
+}
+
+/// Refuses a token whose timestamp is more than `max_skew_secs` away from
+/// `now`, either way. The distance is taken without overflow: a signed timestamp is
+/// attacker-chosen, and with `i64::MIN` a plain `abs()` panics in debug
+/// builds and wraps to a negative skew (inside every window) in release.
+fn check_window(ts: i64, now: i64, max_skew_secs: i64) -> Result<(), AuthError> {
+    if ts.abs_diff(now) > max_skew_secs.max(0).unsigned_abs() {
+        return Err(AuthError::OutsideWindow(ts.saturating_sub(now)));
     }
     Ok(())
 }
@@ -519,6 +530,22 @@ mod tests {
         let mut receiver_role = c.clone();
         receiver_role.role = Role::Receiver;
         assert_eq!(v.verify(Some(&header(&k, &receiver_role)), &facts(&t, b"{}"), now), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn timestamps_at_the_ends_of_i64_are_outside_the_window() {
+        let (k, v, t) = setup();
+        for ts in [i64::MIN, i64::MIN + 1, i64::MAX] {
+            let mut c = claims(&t, b"{}");
+            c.ts = ts;
+            let r = v.verify(Some(&header(&k, &c)), &facts(&t, b"{}"), now_unix());
+            assert!(matches!(r, Err(AuthError::OutsideWindow(_))), "ts {ts}: {r:?}");
+            // The agent's check of the receiver's answer has the same window.
+            let mut answer = c.clone();
+            answer.role = Role::Receiver;
+            let answer = k.sign(&answer);
+            assert!(matches!(check_receiver_answer(&answer, &[k.public()], &c, 300, now_unix()), Err(AuthError::OutsideWindow(_))), "ts {ts}");
+        }
     }
 
     #[test]

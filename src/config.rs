@@ -69,6 +69,9 @@ pub struct ReceiverConfig {
     pub plain_http: bool,
     #[serde(default)]
     pub hooks: HookConfig,
+    /// Tenant isolation by database roles (off by default).
+    #[serde(default)]
+    pub tenant_roles: TenantRolesConfig,
 }
 
 /// How the receiver serves: what [`ReceiverConfig::transport`] decided.
@@ -106,6 +109,7 @@ impl ReceiverConfig {
             tls_key: None,
             plain_http: false,
             hooks: HookConfig::default(),
+            tenant_roles: TenantRolesConfig::default(),
         }
     }
 
@@ -167,6 +171,75 @@ impl Default for ReceiverLimits {
             max_concurrent_per_tenant: 4,
             max_remembered_nonces: 200_000,
         }
+    }
+}
+
+/// `[receiver.tenant_roles]`: each tenant's writes run on a connection that
+/// logged in as the tenant's own role, which can touch that tenant's schemas
+/// only (`src/receiver/tenant_roles.rs`, docs/receiver.md "Tenant isolation").
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantRolesConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Secret (or `env:NAME`) from which each tenant role's password is
+    /// derived, so every receiver instance sets and uses the same one.
+    /// Without it tenant roles get no password and the partner's
+    /// `pg_hba.conf` must let them in another way (peer, cert, trust).
+    #[serde(default)]
+    pub password_secret: Option<String>,
+    /// Existing roles that get read access to every tenant's mirror schema.
+    #[serde(default)]
+    pub grant_read_to: Vec<String>,
+}
+
+/// The secret never reaches a log line, even through `{:?}` of the config.
+impl std::fmt::Debug for TenantRolesConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantRolesConfig")
+            .field("enabled", &self.enabled)
+            .field("password_secret", &self.password_secret.as_ref().map(|_| "<redacted>"))
+            .field("grant_read_to", &self.grant_read_to)
+            .finish()
+    }
+}
+
+impl TenantRolesConfig {
+    /// Refuses reader names that are not plain role names, and names that
+    /// PostgreSQL or ctmirror give a meaning of their own: `"public"` in a
+    /// GRANT means every role (tenant roles included, even quoted), and a
+    /// tenant role or the tenants' group as a reader would see every tenant.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.password_secret.as_deref().is_some_and(|s| s.is_empty() || s == "env:") {
+            return Err("password_secret is empty; leave it out for roles without a password".into());
+        }
+        for name in &self.grant_read_to {
+            let plain = !name.is_empty()
+                && name.len() <= 63
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !name.as_bytes()[0].is_ascii_digit();
+            if !plain {
+                return Err(format!(
+                    "grant_read_to {:?} is not a role name ctmirror accepts: use 1-63 characters of letters, \
+                     digits and _, not starting with a digit",
+                    name.chars().take(80).collect::<String>()
+                ));
+            }
+            let lower = name.to_ascii_lowercase();
+            let reserved = ["public", "none", "current_user", "current_role", "session_user"].contains(&lower.as_str())
+                || lower.starts_with("pg_")
+                || lower == crate::receiver::TENANT_GROUP_ROLE
+                || lower.starts_with(crate::receiver::TENANT_ROLE_PREFIX);
+            if reserved {
+                return Err(format!(
+                    "grant_read_to {name:?} is reserved: PUBLIC, pg_* roles, {} and {}* roles would \
+                     give readers (or other tenants) more than the mirror schemas",
+                    crate::receiver::TENANT_GROUP_ROLE,
+                    crate::receiver::TENANT_ROLE_PREFIX
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -456,6 +529,7 @@ impl ConfigFile {
                 return Err("receiver.tenants is empty: leave it out to serve every tenant, or list the tenants served".into());
             }
             r.transport()?;
+            r.tenant_roles.validate().map_err(|e| format!("receiver.tenant_roles: {e}"))?;
         }
         if let Some(a) = &self.agent {
             if a.batch_rows == 0 || a.batch_bytes < 1024 {

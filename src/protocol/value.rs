@@ -145,6 +145,19 @@ mod tests {
     }
 
     #[test]
+    fn json_numbers_parse_to_the_nearest_double_and_survive_a_round_trip() {
+        // Found by the json_batch fuzz target (seed
+        // fuzz/seeds/json_batch/crash-float-one-ulp-off.json): without
+        // serde_json's float_roundtrip this parsed one unit in the last
+        // place off, and its own output parsed to yet another number.
+        let text = "444444444444444000000000000000000000000000000000000000000000000000000000000000000000000000000000000000854577294";
+        let v: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(v, Value::Float(text.parse::<f64>().unwrap()), "the nearest double, as Rust's own parser finds it");
+        let again: Value = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
+        assert_eq!(again, v);
+    }
+
+    #[test]
     fn long_keys_are_shortened_for_display() {
         let k = Key(vec![Value::Text("x".repeat(1000))]);
         assert!(k.to_string().len() < 220);

@@ -137,7 +137,7 @@ impl<'a> Batch<'a> {
         }
     }
 
-    fn rows(&self, schema: &TableSchema) -> Result<Rows, ReceiverError> {
+    pub(super) fn rows(&self, schema: &TableSchema) -> Result<Rows, ReceiverError> {
         match &self.rows {
             Source::Json(b) => prepare(schema, b),
             Source::Copy(rows) => Ok(rows.clone()),

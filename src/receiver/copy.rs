@@ -108,7 +108,7 @@ async fn copy_in(tx: &Transaction<'_>, sql: &str, rows: &Rows) -> Result<u64, to
 /// Text COPY stops at a line `\.` and silently ignores what follows, so a
 /// payload holding one would have part of it dropped without a word. Data
 /// never needs that line: a backslash in a value is always escaped.
-fn check_text(rows: &Rows) -> Result<(), WriteError> {
+pub(super) fn check_text(rows: &Rows) -> Result<(), WriteError> {
     if rows.format == CopyFormat::Text
         && rows.payload.split(|b| *b == b'\n').any(|line| line == b"\\." || line == b"\\.\r")
     {

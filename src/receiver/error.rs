@@ -179,8 +179,11 @@ impl IntoResponse for ReceiverError {
 
 /// SQLSTATE classes that mean "PostgreSQL will never take this data":
 /// 21 cardinality violation, 22 data exception, 23 integrity constraint.
+/// Also 08P01 (protocol violation): a binary COPY value too short for its
+/// type ("insufficient data left in message") is a bad batch, not a
+/// connection failure, and sending it again cannot help.
 fn is_data_error(code: &str) -> bool {
-    matches!(code.get(..2), Some("21" | "22" | "23"))
+    matches!(code.get(..2), Some("21" | "22" | "23")) || code == "08P01"
 }
 
 /// SQLSTATEs that mean the server is going away or refusing connections:
@@ -243,6 +246,7 @@ mod tests {
         assert!(is_data_error("23514"));
         assert!(!is_data_error("42P01"));
         assert!(is_unavailable("08006"));
+        assert!(is_data_error("08P01"), "a malformed binary COPY value is the batch's fault");
         assert!(is_unavailable("57P01"));
         assert!(is_unavailable("57014"), "a statement timeout is worth retrying later");
         assert!(!is_unavailable("42501"));

@@ -5,8 +5,10 @@
 //! protocol calls (`http`), and each call's database work lives in its own
 //! module: `schema` (with `evolve` for changed schemas), `apply` (rows),
 //! `reload` (shadow tables), `hooks` (completed). The bookkeeping tables
-//! are in `store`, type mapping and DDL in `ddl`. [`serve`] is what
-//! `ctmirror receiver` runs: HTTPS (or plain HTTP, when asked for) in `tls`.
+//! are in `store`, type mapping and DDL in `ddl`; `tenant_roles` runs each
+//! tenant's work under its own database role when that is configured.
+//! [`serve`] is what `ctmirror receiver` runs: HTTPS (or plain HTTP, when
+//! asked for) in `tls`.
 //! See `docs/receiver.md`.
 
 mod advance;
@@ -23,11 +25,52 @@ mod schema;
 mod slots;
 mod sql;
 mod store;
+mod tenant_roles;
 mod tls;
 
 pub use error::{ErrorKind, ReceiverError};
 pub use sql::quote_ident;
+pub use tenant_roles::{tenant_role_name, tenant_role_password, TENANT_GROUP_ROLE, TENANT_ROLE_PREFIX};
 pub use tls::{server_config, TlsError};
+
+/// What RowData does with a batch's rows before its transaction touches
+/// the database, callable without one.
+///
+/// This exists for fuzzing: the targets in `fuzz/` and the stable test that
+/// replays their seeds (`tests/fuzz_seeds.rs`) call it with arbitrary
+/// input. The receiver's request path runs the very same functions, so a
+/// crash found through here is a crash in the receiver. Not an API for
+/// anything else.
+pub mod prechecks {
+    use super::apply::{self, Batch};
+    use super::copy::{self, WriteError};
+    use super::ReceiverError;
+    use crate::protocol::copy::CopyBatch;
+    use crate::protocol::{RowBatch, TableSchema};
+    use bytes::Bytes;
+
+    /// A JSON batch checked row by row against `schema` (which must be
+    /// valid, as the receiver's stored schemas are) and turned into COPY
+    /// text: the number of rows and the text.
+    pub fn json_rows(schema: &TableSchema, batch: &RowBatch) -> Result<(u64, Bytes), ReceiverError> {
+        let rows = apply::prepare(schema, batch)?;
+        Ok((rows.count, rows.payload))
+    }
+
+    /// A COPY batch's rows as RowData hands them to `COPY`, after the one
+    /// check the receiver makes itself (text rows must not hold an
+    /// end-of-data line); PostgreSQL checks the values.
+    pub fn copy_rows(batch: &CopyBatch, schema: &TableSchema) -> Result<(), ReceiverError> {
+        let rows = Batch::copy(batch).rows(schema)?;
+        if rows.count == 0 {
+            return Ok(());
+        }
+        copy::check_text(&rows).map_err(|e| match e {
+            WriteError::Refused(e) => e,
+            other => ReceiverError::internal(format!("unexpected write error without a database: {other:?}")),
+        })
+    }
+}
 
 use crate::auth::{Keypair, PublicKey, Verifier};
 use crate::config::{ReceiverConfig, Secret};
@@ -49,6 +92,8 @@ pub struct ReceiverService {
 pub(crate) struct Inner {
     cfg: ReceiverConfig,
     pool: Pool,
+    /// Per-tenant logins when `[receiver.tenant_roles]` is enabled.
+    tenant_roles: Option<tenant_roles::TenantRoles>,
     verifier: Verifier,
     partner_key: Keypair,
     replay: replay::ReplayGuard,
@@ -89,12 +134,17 @@ impl ReceiverService {
         partner_key: Keypair,
         agent_keys: Vec<PublicKey>,
     ) -> Result<Self, ReceiverError> {
-        let pool = connect(&cfg.database_url, cfg.limits.request_timeout_secs)?;
+        let session = session_config(&cfg.database_url, cfg.limits.request_timeout_secs)?;
+        let pool = pool_for(session.clone(), POOL_SIZE)?;
         {
             let mut client = pool.get().await?;
             let client: &mut tokio_postgres::Client = &mut client;
             store::migrate(client).await?;
         }
+        let tenant_roles = match cfg.tenant_roles.enabled {
+            true => Some(tenant_roles::TenantRoles::start(&cfg.tenant_roles, pool.clone(), session).await?),
+            false => None,
+        };
         let verifier = Verifier { agent_keys, app: cfg.application.clone(), max_skew_secs: cfg.max_clock_skew_secs };
         let replay = replay::ReplayGuard::new(cfg.limits.max_remembered_nonces, cfg.max_clock_skew_secs);
         let slots = slots::TenantSlots::new(cfg.limits.max_concurrent_per_tenant);
@@ -104,7 +154,7 @@ impl ReceiverService {
             tenants = cfg.tenants.as_ref().map_or("all".to_owned(), |t| t.len().to_string()),
             "receiver ready"
         );
-        Ok(Self { inner: Arc::new(Inner { cfg, pool, verifier, partner_key, replay, slots }) })
+        Ok(Self { inner: Arc::new(Inner { cfg, pool, tenant_roles, verifier, partner_key, replay, slots }) })
     }
 
     /// The HTTP routes of the protocol, with this service as their state.
@@ -120,16 +170,22 @@ impl ReceiverService {
 impl Inner {
     /// A database connection for work on behalf of `tenant`. Every request's
     /// database work goes through here, so that tenant isolation has one
-    /// place to decide which role the work runs under.
-    pub(crate) async fn client_for(&self, _tenant: &crate::ids::TenantId) -> Result<deadpool_postgres::Object, ReceiverError> {
-        Ok(self.pool.get().await?)
+    /// place to decide which role the work runs under: the tenant's own
+    /// login role with `[receiver.tenant_roles]` enabled, else the
+    /// receiver's login.
+    pub(crate) async fn client_for(&self, tenant: &crate::ids::TenantId) -> Result<deadpool_postgres::Object, ReceiverError> {
+        match &self.tenant_roles {
+            Some(roles) => roles.client(tenant).await,
+            None => Ok(self.pool.get().await?),
+        }
     }
 }
 
-/// Builds the pool; no connection is made until the first `get`. Every
-/// session gets a statement_timeout, so no request holds locks longer than
+/// The connection settings of `database_url` plus the session options every
+/// receiver connection needs (tenant roles' connections start from these),
+/// among them a statement_timeout, so no request holds locks longer than
 /// the receiver's request limit.
-fn connect(database_url: &Secret, statement_timeout_secs: u64) -> Result<Pool, ReceiverError> {
+fn session_config(database_url: &Secret, statement_timeout_secs: u64) -> Result<tokio_postgres::Config, ReceiverError> {
     let url = database_url.resolve().map_err(|e| ReceiverError::startup(format!("database_url: {e}")))?;
     // The URL is a secret: the parse error is reported without it.
     let mut pg: tokio_postgres::Config =
@@ -146,9 +202,14 @@ fn connect(database_url: &Secret, statement_timeout_secs: u64) -> Result<Pool, R
     if pg.get_application_name().is_none() {
         pg.application_name("ctmirror-receiver");
     }
+    Ok(pg)
+}
+
+/// Builds a pool; no connection is made until the first `get`.
+fn pool_for(pg: tokio_postgres::Config, max_size: usize) -> Result<Pool, ReceiverError> {
     let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
-        .max_size(POOL_SIZE)
+        .max_size(max_size)
         .build()
         .map_err(|e| ReceiverError::startup(format!("cannot build connection pool: {e}")))
 }

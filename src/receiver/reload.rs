@@ -62,9 +62,9 @@ pub async fn begin(
     reason: &str,
 ) -> Result<(), ReceiverError> {
     let load = tenant.load_schema();
+    store::ensure_schema(tx, &load).await.map_err(|e| e.with_table(&schema.name))?;
     tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {}; {}; {}",
-        quote_ident(&load),
+        "{}; {}",
         ddl::drop_table(&load, &schema.name),
         ddl::create_table(&load, schema)
     ))

@@ -10,7 +10,6 @@ use super::ddl;
 use super::error::{ErrorKind, ReceiverError};
 use super::evolve::{self, Evolution, Step};
 use super::reload;
-use super::sql::quote_ident;
 use super::store::{self, TableRow};
 use crate::config::ReceiverConfig;
 use crate::ids::TenantId;
@@ -48,7 +47,7 @@ pub async fn apply(
     // tenant's schema call (and queue the partner's readers behind it)
     // indefinitely, that table is refused for this cycle and retried.
     tx.batch_execute("SET LOCAL lock_timeout = '10s'").await?;
-    tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&mirror))).await?;
+    store::ensure_schema(&tx, &mirror).await?;
     let known: HashMap<String, TableRow> =
         store::lock_all(&tx, tenant).await?.into_iter().map(|r| (r.name.clone(), r)).collect();
     let physical = Physical {

@@ -241,6 +241,18 @@ pub async fn forget_table(tx: &Transaction<'_>, tenant: &TenantId, table: &str) 
     Ok(())
 }
 
+/// Creates `schema` unless it exists. Not `CREATE SCHEMA IF NOT EXISTS`:
+/// PostgreSQL checks the database's CREATE privilege before it looks for
+/// the schema, and a tenant role (docs/receiver.md, "Tenant isolation")
+/// owns its schemas without holding that privilege.
+pub async fn ensure_schema(client: &impl GenericClient, schema: &str) -> Result<(), ReceiverError> {
+    let exists = client.query_opt("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1", &[&schema]).await?;
+    if exists.is_none() {
+        client.batch_execute(&format!("CREATE SCHEMA {}", super::sql::quote_ident(schema))).await?;
+    }
+    Ok(())
+}
+
 /// Names of the ordinary (and partitioned) tables in a schema.
 pub async fn physical_tables(client: &impl GenericClient, schema: &str) -> Result<HashSet<String>, ReceiverError> {
     let rows = client

@@ -51,7 +51,12 @@ pub struct Options {
     pub paused: Option<String>,
     pub drop_unmapped_tables: bool,
     pub keep_dropped_columns: bool,
+    /// Any other receiver setting, applied last.
+    pub configure: Option<Configure>,
 }
+
+/// Changes a test makes to the receiver's configuration.
+pub type Configure = Box<dyn FnOnce(&mut ReceiverConfig) + Send>;
 
 impl Default for Options {
     fn default() -> Self {
@@ -60,6 +65,7 @@ impl Default for Options {
             paused: None,
             drop_unmapped_tables: true,
             keep_dropped_columns: false,
+            configure: None,
         }
     }
 }
@@ -111,6 +117,9 @@ impl<D: SourceDriver> Pipeline<D> {
         cfg.paused_reason = opts.paused.clone();
         cfg.drop_unmapped_tables = opts.drop_unmapped_tables;
         cfg.keep_dropped_columns = opts.keep_dropped_columns;
+        if let Some(configure) = opts.configure {
+            configure(&mut cfg);
+        }
         let svc = ReceiverService::with_keys(cfg, partner, agent.public()).await.expect("receiver starts");
         let wire: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
         let recorder = wire.clone();

@@ -1,0 +1,5 @@
+//! cargo-fuzz target `token`; what it checks is in `ctmirror_fuzz::token`
+//! (`fuzz/src/harness.rs`), which `tests/fuzz_seeds.rs` also runs on every seed.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ctmirror_fuzz::token(data));
