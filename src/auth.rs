@@ -543,6 +543,7 @@ mod tests {
             // The agent's check of the receiver's answer has the same window.
             let mut answer = c.clone();
             answer.role = Role::Receiver;
+            answer.status = Some(200);
             let answer = k.sign(&answer);
             assert!(matches!(check_receiver_answer(&answer, &[k.public()], &c, 300, now_unix()), Err(AuthError::OutsideWindow(_))), "ts {ts}");
         }

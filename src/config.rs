@@ -772,7 +772,7 @@ mod tests {
     #[test]
     fn debug_output_never_shows_database_urls() {
         let text = "[receiver]\nlisten=\"127.0.0.1:1\"\ndatabase_url=\"postgres://u:hunter2@h/db\"\napplication=\"a\"\n\
-                    private_key=\"k\"\nagent_public_key=\"p\"\n[agent]\nprivate_key=\"k\"\n\
+                    private_key=\"k\"\nagent_public_key=\"p\"\nplain_http=true\n[agent]\nprivate_key=\"k\"\n\
                     control_database_url=\"postgres://c:hunter3@h/c\"\n[[agent.tenant]]\nid=\"t\"\n\
                     source=\"postgres\"\nurl=\"postgres://t:hunter4@h/t\"\n";
         let cfg = ConfigFile::parse(text, "c.toml").unwrap();

@@ -732,7 +732,7 @@ fn path_cases(ctx: &Ctx) -> Vec<Case> {
     }
     cases.extend([
         case("tenant id: percent-encoded invalid UTF-8", tenant("%ff"), 400, bad, "invalid path"),
-        case("tenant id: percent-encoded spelling of the right tenant", tenant("%61cme"), 401, "unauthorized", "was signed for POST /v1/tenants/acme/schema"),
+        case("tenant id: percent-encoded spelling of the right tenant", tenant("%61cme"), 400, bad, "percent-encoded paths are not part of the protocol"),
         case("path: empty tenant", at("/v1/tenants//schema"), 400, bad, "invalid tenant id \"\""),
         case("path: dot-dot to another tenant", at("/v1/tenants/acme/../globex/schema"), 404, "not_found", "no protocol operation"),
         case("path: trailing slash", at("/v1/tenants/acme/schema/"), 404, "not_found", "no protocol operation"),
@@ -769,6 +769,10 @@ fn shape_cases(ctx: &Ctx) -> Vec<Case> {
         ("authenticate: missing agent", raw("authenticate", "{}"), "missing field `agent`"),
         ("authenticate: agent is a number", raw("authenticate", r#"{"agent":1}"#), "invalid type"),
         ("authenticate: unknown field", raw("authenticate", r#"{"agent":"x","admin":true}"#), "unknown field `admin`"),
+        ("authenticate: fields as an array", raw("authenticate", r#"["x"]"#), "expected a JSON object"),
+        ("completed: fields as an array", raw("completed", r#"[[], null]"#), "expected a JSON object"),
+        ("schema: source identity of 501 bytes", with("schema", &|b| b["source_identity"] = json!("s".repeat(501))), "source_identity must be 1 to 500 bytes"),
+        ("schema: empty source identity", with("schema", &|b| b["source_identity"] = json!("")), "source_identity must be 1 to 500 bytes"),
         ("schema: unknown top-level field", with("schema", &|b| b["drop_all"] = json!(true)), "unknown field `drop_all`"),
         ("schema: missing source identity", with("schema", &|b| { b.as_object_mut().unwrap().remove("source_identity"); }), "missing field `source_identity`"),
         ("schema: tables is an object", with("schema", &|b| b["tables"] = json!({"items": {}})), "invalid type"),

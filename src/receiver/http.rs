@@ -159,6 +159,11 @@ async fn admit(inner: &Inner, op: Op, path: TenantPath, req: Request) -> Result<
     tracing::Span::current().record("tenant", tenant.as_str());
 
     let (parts, body) = req.into_parts();
+    // The router decodes percent-escapes, the token signs the raw path: two
+    // spellings of one tenant would be two signed paths to one mirror.
+    if parts.uri.path().contains('%') {
+        return Err(ReceiverError::bad_request("percent-encoded paths are not part of the protocol"));
+    }
     let encoding = check_content_type(op, &parts.headers)?;
     let limits = &inner.cfg.limits;
     let body = read_body(&parts.headers, body, inner.cfg.max_body_bytes, Duration::from_secs(limits.body_timeout_secs))
@@ -357,5 +362,10 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize, timeout: Durat
 /// Strict JSON: unknown fields and invalid UTF-8 are refused with serde's
 /// message, which names the line and column.
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ReceiverError> {
+    // Every request is a JSON object; serde would also fill a struct from
+    // an array of its fields in order, which the protocol does not allow.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ReceiverError::bad_request("invalid request body: expected a JSON object"));
+    }
     serde_json::from_slice(body).map_err(|e| ReceiverError::bad_request(format!("invalid request body: {e}")))
 }

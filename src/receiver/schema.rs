@@ -20,6 +20,11 @@ use tokio_postgres::Transaction;
 /// Checks every table before anything is written: a request with one bad
 /// table is refused whole, so the mirror never holds half a schema call.
 pub fn validate(req: &TableSchemaRequest) -> Result<(), ReceiverError> {
+    // The same bound a Reload puts on it: the identity is stored with every
+    // table and compared on every call.
+    if req.source_identity.is_empty() || req.source_identity.len() > 500 {
+        return Err(ReceiverError::bad_request("source_identity must be 1 to 500 bytes"));
+    }
     let mut names = HashSet::new();
     for t in &req.tables {
         t.validate().map_err(|e| ReceiverError::bad_request(e).with_table(&t.name))?;
