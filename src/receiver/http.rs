@@ -364,7 +364,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize, timeout: Durat
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ReceiverError> {
     // Every request is a JSON object; serde would also fill a struct from
     // an array of its fields in order, which the protocol does not allow.
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
         return Err(ReceiverError::bad_request("invalid request body: expected a JSON object"));
     }
     serde_json::from_slice(body).map_err(|e| ReceiverError::bad_request(format!("invalid request body: {e}")))
