@@ -212,17 +212,11 @@ impl Keypair {
 
     /// Writes `<stem>.key` (mode 0600) and `<stem>.pub`; refuses to overwrite.
     pub fn write_files(&self, stem: &Path) -> Result<(String, String), KeyError> {
-        use std::io::Write;
         let private = stem.with_extension("key");
         let public = stem.with_extension("pub");
-        let write = |path: &Path, text: String, mode: u32| -> Result<(), KeyError> {
-            let err = |source| KeyError::Write { path: path.display().to_string(), source };
-            let mut opts = std::fs::OpenOptions::new();
-            opts.write(true).create_new(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
-            let mut f = opts.open(path).map_err(err)?;
-            f.write_all(text.as_bytes()).map_err(err)
+        let write = |path: &Path, text: String, mode: u32| {
+            create_new_file(path, &text, mode)
+                .map_err(|source| KeyError::Write { path: path.display().to_string(), source })
         };
         write(&private, format!("{}\n", STANDARD.encode(self.key.to_bytes())), 0o600)?;
         write(&public, format!("{}\n", self.public_base64()), 0o644)?;
@@ -255,6 +249,20 @@ impl PublicKey {
             .map(PublicKey)
             .map_err(|_| KeyError::Invalid { origin, reason: "not a valid ed25519 public key" })
     }
+}
+
+/// Writes a new file for key material, refusing to replace an existing
+/// one. The mode is set when the file is created, so a private key is never
+/// readable by others, not even between creation and a chmod.
+pub(crate) fn create_new_file(path: &Path, text: &str, mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
+    #[cfg(not(unix))]
+    let _ = mode;
+    opts.open(path)?.write_all(text.as_bytes())
 }
 
 /// Longest token accepted before any decoding; real ones are ~500 bytes.
@@ -321,21 +329,7 @@ impl Verifier {
             .ok_or(AuthError::Missing)?;
         let claims = decode_verified(token.trim(), Role::Agent, &self.agent_keys)?;
         check_window(claims.ts, now, self.max_skew_secs)?;
-        if &claims.tenant != req.tenant {
-            return Err(AuthError::WrongTenant {
-                token: claims.tenant.to_string(),
-                request: req.tenant.to_string(),
-            });
-        }
-        if claims.app != self.app {
-            return Err(AuthError::WrongApp(claims.app.to_string()));
-        }
-        if claims.method != req.method || claims.path != req.path {
-            return Err(AuthError::WrongRequest {
-                token: format!("{} {}", claims.method, claims.path),
-                request: format!("{} {}", req.method, req.path),
-            });
-        }
+        check_addressed(&claims, req.tenant, &self.app, req.method, req.path)?;
         if claims.body_sha256 != body_digest(req.body) {
             return Err(AuthError::BodyMismatch);
         }
@@ -381,14 +375,7 @@ pub const ANSWER_SIGNATURE_HEADER: &str = "ctmirror-signature";
 /// The receiver's answer to Authenticate: its own token over the agent's
 /// nonce, which the agent checks with the partner's registered key.
 pub fn receiver_answer(key: &Keypair, request: &Claims) -> String {
-    let claims = Claims {
-        role: Role::Receiver,
-        ts: now_unix(),
-        body_sha256: body_digest(b""),
-        status: Some(200),
-        ..request.clone()
-    };
-    key.sign(&claims)
+    sign_answer(key, request, 200, b"")
 }
 
 /// The receiver's signature of one answer: the request's claims (so its
@@ -410,19 +397,26 @@ fn check_answer_claims(claims: &Claims, sent: &Claims, max_skew_secs: i64, now: 
     if claims.nonce != sent.nonce {
         return Err(AuthError::WrongNonce(claims.nonce.clone()));
     }
-    if claims.tenant != sent.tenant {
-        return Err(AuthError::WrongTenant { token: claims.tenant.to_string(), request: sent.tenant.to_string() });
+    check_addressed(claims, &sent.tenant, &sent.app, &sent.method, &sent.path)?;
+    check_window(claims.ts, now, max_skew_secs)
+}
+
+/// Refuses a token signed for another tenant, application, method or path
+/// than the message it came with, naming which.
+fn check_addressed(claims: &Claims, tenant: &TenantId, app: &AppId, method: &str, path: &str) -> Result<(), AuthError> {
+    if &claims.tenant != tenant {
+        return Err(AuthError::WrongTenant { token: claims.tenant.to_string(), request: tenant.to_string() });
     }
-    if claims.app != sent.app {
+    if &claims.app != app {
         return Err(AuthError::WrongApp(claims.app.to_string()));
     }
-    if claims.method != sent.method || claims.path != sent.path {
+    if claims.method != method || claims.path != path {
         return Err(AuthError::WrongRequest {
             token: format!("{} {}", claims.method, claims.path),
-            request: format!("{} {}", sent.method, sent.path),
+            request: format!("{method} {path}"),
         });
     }
-    check_window(claims.ts, now, max_skew_secs)
+    Ok(())
 }
 
 /// Refuses a token whose timestamp is more than `max_skew_secs` away from

@@ -112,7 +112,8 @@ pub fn write_self_signed(dir: &Path, hosts: &[String]) -> Result<[PathBuf; 3], S
     let (ca_pem, cert_pem, key_pem) = generate(hosts)?;
     std::fs::create_dir_all(dir).map_err(|source| SelfSignedError::Write { path: dir.to_owned(), source })?;
     for (path, text, mode) in [(&paths[0], ca_pem, 0o644), (&paths[1], cert_pem, 0o644), (&paths[2], key_pem, 0o600)] {
-        write_new(path, &text, mode)?;
+        crate::auth::create_new_file(path, &text, mode)
+            .map_err(|source| SelfSignedError::Write { path: path.clone(), source })?;
     }
     Ok(paths)
 }
@@ -151,19 +152,6 @@ fn generate(hosts: &[String]) -> Result<(String, String, String), rcgen::Error> 
 fn validity() -> (chrono::NaiveDate, chrono::NaiveDate) {
     let today = chrono::Utc::now().date_naive();
     (today - chrono::Days::new(1), today + chrono::Days::new(730))
-}
-
-fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), SelfSignedError> {
-    use std::io::Write;
-    let err = |source| SelfSignedError::Write { path: path.to_owned(), source };
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
-    #[cfg(not(unix))]
-    let _ = mode;
-    let mut f = opts.open(path).map_err(err)?;
-    f.write_all(text.as_bytes()).map_err(err)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 mod harness;
 
-use harness::support::TestDb;
+use harness::support::{free_port, Child, TestDb};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -20,9 +20,7 @@ fn text(o: &Output) -> String {
 }
 
 fn scratch(label: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ctm-cli-{label}-{}", ctmirror::auth::new_nonce()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    harness::support::scratch(&format!("cli-{label}"))
 }
 
 #[test]
@@ -96,9 +94,6 @@ fn bad_config_files_fail_clearly() {
     assert!(!text(&o).contains("definitely not a key"), "key file content leaked: {}", text(&o));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn write_config(dir: &Path, port: u16, source_url: &str, mirror_url: &str) -> PathBuf {
     let map = Path::new(env!("CARGO_MANIFEST_DIR")).join("schema-maps/crm_insights.toml");
@@ -138,13 +133,6 @@ tenants = ["acme"]
     path
 }
 
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test]
 async fn sync_through_a_receiver_process_mirrors_the_tenant_and_exits_zero() {

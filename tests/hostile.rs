@@ -31,9 +31,10 @@ use ctmirror::auth::{self, Claims, Keypair, Role};
 use ctmirror::config::ReceiverConfig;
 use ctmirror::ids::{AppId, TenantId};
 use ctmirror::protocol::copy::{CopyBatch, CopyBatchHeader, CopyFormat, CONTENT_TYPE as COPY_TYPE};
-use ctmirror::protocol::{ColumnSchema, ColumnType, Cursor, Key, TableSchema, Value, Version};
+use ctmirror::protocol::{ColumnType, Cursor, Key, TableSchema, Value, Version};
 use ctmirror::receiver::{quote_ident, ReceiverService};
 use serde_json::{json, Value as Json};
+use support::{col, items};
 use std::collections::BTreeSet;
 use std::future::IntoFuture;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -213,23 +214,6 @@ const OPS: [&str; 6] = ["authenticate", "schema", "rows", "advance", "reload", "
 
 // ------------------------------------------------------------ tables
 
-fn col(name: &str, data_type: ColumnType, nullable: bool) -> ColumnSchema {
-    ColumnSchema { name: name.into(), data_type, nullable }
-}
-
-/// id bigint key, name varchar(20), qty smallint not null, price numeric(5,2).
-fn items() -> TableSchema {
-    TableSchema {
-        name: "items".into(),
-        columns: vec![
-            col("id", ColumnType::Int64, false),
-            col("name", ColumnType::Text { max_length: Some(20) }, true),
-            col("qty", ColumnType::Int16, false),
-            col("price", ColumnType::Decimal { precision: Some(5), scale: Some(2) }, true),
-        ],
-        primary_key: vec!["id".into()],
-    }
-}
 
 /// One nullable column of every type behind an int64 key, for values that
 /// contradict their column's type.

@@ -8,10 +8,11 @@ use ctmirror::auth::{self, check_receiver_answer, Claims, Keypair, PublicKey, Re
 use ctmirror::config::ReceiverConfig;
 use ctmirror::ids::{AppId, TenantId};
 use ctmirror::protocol::{
-    ColumnSchema, ColumnType, Cursor, Key, TableSchema, TableSchemaResponse, TableStatus, Value, Version,
+    ColumnType, Cursor, Key, TableSchema, TableSchemaResponse, TableStatus, Value, Version,
 };
 use ctmirror::receiver::{quote_ident, ReceiverService};
 use serde_json::{json, Value as Json};
+use support::{col, items};
 use futures_util::StreamExt;
 use std::future::IntoFuture;
 
@@ -153,23 +154,6 @@ impl Rig {
     }
 }
 
-fn col(name: &str, data_type: ColumnType, nullable: bool) -> ColumnSchema {
-    ColumnSchema { name: name.into(), data_type, nullable }
-}
-
-/// id bigint key, name varchar(20), qty smallint not null, price numeric(5,2).
-fn items() -> TableSchema {
-    TableSchema {
-        name: "items".into(),
-        columns: vec![
-            col("id", ColumnType::Int64, false),
-            col("name", ColumnType::Text { max_length: Some(20) }, true),
-            col("qty", ColumnType::Int16, false),
-            col("price", ColumnType::Decimal { precision: Some(5), scale: Some(2) }, true),
-        ],
-        primary_key: vec!["id".into()],
-    }
-}
 
 fn changes(v: i64) -> Cursor {
     Cursor::Changes { version: Version(v), after_key: None }

@@ -12,7 +12,7 @@ use ctmirror::config::{ConfigFile, ReceiverConfig};
 use ctmirror::ids::{AppId, TenantId};
 use ctmirror::protocol::{ColumnSchema, ColumnType, TableSchema, TableSchemaRequest};
 use ctmirror::receiver::ReceiverError;
-use harness::support::TestDb;
+use harness::support::{free_port, Child, TestDb};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,9 +23,7 @@ const APP: &str = "crm";
 const TENANT: &str = "acme";
 
 fn scratch(label: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ctm-tls-{label}-{}", ctmirror::auth::new_nonce()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    harness::support::scratch(&format!("tls-{label}"))
 }
 
 fn write(path: &Path, text: &str) -> PathBuf {
@@ -387,17 +385,7 @@ fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test]
 async fn tls_selfsigned_files_serve_a_receiver_process_that_the_agent_verifies_end_to_end() {

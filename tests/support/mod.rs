@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use ctmirror::protocol::{ColumnSchema, ColumnType, TableSchema};
 use tokio_postgres::{Client, NoTls};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -60,5 +61,46 @@ impl TestDb {
 
     pub async fn client(&self) -> Client {
         connect(&self.url).await
+    }
+}
+
+/// A fresh directory under the system's temp folder for one test's files.
+pub fn scratch(label: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ctm-{label}-{}", ctmirror::auth::new_nonce()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process killed and reaped when the test lets go of it, even
+/// when the test fails first.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn col(name: &str, data_type: ColumnType, nullable: bool) -> ColumnSchema {
+    ColumnSchema { name: name.into(), data_type, nullable }
+}
+
+/// id bigint key, name varchar(20), qty smallint not null, price numeric(5,2).
+pub fn items() -> TableSchema {
+    TableSchema {
+        name: "items".into(),
+        columns: vec![
+            col("id", ColumnType::Int64, false),
+            col("name", ColumnType::Text { max_length: Some(20) }, true),
+            col("qty", ColumnType::Int16, false),
+            col("price", ColumnType::Decimal { precision: Some(5), scale: Some(2) }, true),
+        ],
+        primary_key: vec!["id".into()],
     }
 }
