@@ -58,6 +58,9 @@ fn garbage_flags_are_refused_with_usage_errors() {
         vec!["resync", "--config", "x.toml", "--tenant", "acme", "--app", "../etc"],
         vec!["maintenance", "--config", "x.toml", "--tenant", "acme"],
         vec!["maintenance", "--config", "x.toml", "--tenant", "acme", "maybe"],
+        vec!["tls-selfsigned"],
+        vec!["tls-selfsigned", "--dir"],
+        vec!["tls-selfsigned", "--dir", "x", "--host"],
     ] {
         let o = run(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
