@@ -346,7 +346,7 @@ async fn receivers_provisioning_one_tenant_at_once_all_succeed() {
     for url in [&db1.url, &db1.url, &db2.url] {
         clients.push(serve(url, &agent, &tenant, |cfg| cfg.tenant_roles = roles_on()).await.unwrap());
     }
-    let request = TableSchemaRequest { source_identity: "src".into(), tables: vec![], skipped: vec![] };
+    let request = TableSchemaRequest { source_identity: "src".into(), tables: vec![], skipped: vec![], table_identities: Default::default() };
     let answers = futures_util::future::join_all(clients.iter().map(|c| c.send_schema(&request))).await;
     for a in answers {
         a.expect("every receiver provisions the tenant");
@@ -395,7 +395,7 @@ async fn a_password_secret_gives_the_role_the_derived_password_everywhere() {
     let db = TestDb::create("roles_password").await;
     let tenant = unique("pw");
     let id = TenantId::new(&tenant).unwrap();
-    let request = TableSchemaRequest { source_identity: "src".into(), tables: vec![], skipped: vec![] };
+    let request = TableSchemaRequest { source_identity: "src".into(), tables: vec![], skipped: vec![], table_identities: Default::default() };
     let role = tenant_role_name(&id);
     let with_secret = |secret: &'static str| {
         move |cfg: &mut ReceiverConfig| {

@@ -169,6 +169,7 @@ fn items_schema() -> TableSchemaRequest {
             primary_key: vec!["id".into()],
         }],
         skipped: vec![],
+        table_identities: Default::default(),
     }
 }
 

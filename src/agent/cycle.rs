@@ -15,9 +15,14 @@ use crate::protocol::{
     AdvanceRequest, CompletedRequest, Cursor, TableSchema, TableSchemaRequest, TableState, TableStatus, Version,
 };
 use crate::schema_map::SchemaMap;
-use crate::source::{ChunkLimits, Source, SourceSchema, SourceTable, TableSurvey};
+use crate::source::{source_part, table_identity, ChunkLimits, Source, SourceSchema, SourceTable, TableSurvey};
 use std::time::Instant;
 use tracing::{info, warn};
+
+/// A transaction older than this on the source server is logged as a
+/// warning (it is always in the report): every mirror of the server lags
+/// behind it.
+const OLD_TRANSACTION_SECS: f64 = 600.0;
 
 #[derive(Debug, Clone, Copy)]
 pub struct CycleSettings {
@@ -61,6 +66,9 @@ struct Prepared {
     source: SourceSchema,
     mirror: TableSchema,
     newly_enabled: bool,
+    /// The identity the receiver stores with this table's rows: the
+    /// source's, plus the table's tracking generation.
+    identity: String,
 }
 
 /// Runs one cycle. Errors that stop the whole cycle (authentication, the
@@ -95,6 +103,7 @@ pub async fn run_controlled_cycle<S: Source>(
         duration: Default::default(),
         source_version: None,
         restore: None,
+        oldest_transaction: None,
     };
 
     let auth = client.authenticate().await?;
@@ -108,12 +117,28 @@ pub async fn run_controlled_cycle<S: Source>(
 
     source.maintain().await?;
     let identity = source.identity().await?;
+    let mapped: Vec<SourceTable> =
+        map.tables.iter().map(|t| SourceTable { schema: t.schema.clone(), name: t.table.clone() }).collect();
+    // Every mapped table counts as read, also one that fails this cycle:
+    // only tables the map no longer names lose their tracking.
+    if let Err(e) = source.record_readers(map.application.as_str(), &mapped).await {
+        warn!(error = %e, "recording which tables this application reads failed; tracking stays as it is");
+    }
+    match source.oldest_transaction().await {
+        Ok(Some(t)) => {
+            if t.age_secs >= OLD_TRANSACTION_SECS {
+                warn!(oldest = %t, "a long transaction holds back every mirror of this source server");
+            }
+            report.oldest_transaction = Some(t);
+        }
+        Ok(None) => {}
+        Err(e) => warn!(error = %e, "looking for the oldest running transaction failed"),
+    }
 
     let mut prepared = Vec::new();
     let mut skipped = Vec::new();
-    for t in &map.tables {
-        let table = SourceTable { schema: t.schema.clone(), name: t.table.clone() };
-        match prepare(source, &table, &t.columns, t.mirror_name()).await {
+    for (t, table) in map.tables.iter().zip(&mapped) {
+        match prepare(source, table, &t.columns, t.mirror_name(), &identity).await {
             Ok(p) => prepared.push(p),
             Err(e) => {
                 warn!(table = t.mirror_name(), error = %e, "table cannot be read this cycle");
@@ -127,6 +152,11 @@ pub async fn run_controlled_cycle<S: Source>(
         source_identity: identity.clone(),
         tables: prepared.iter().map(|p| p.mirror.clone()).collect(),
         skipped,
+        table_identities: prepared
+            .iter()
+            .filter(|p| p.identity != identity)
+            .map(|p| (p.mirror.name.clone(), p.identity.clone()))
+            .collect(),
     };
     let answer = client.send_schema(&request).await?;
     report.dropped = answer.dropped.clone();
@@ -197,11 +227,11 @@ pub async fn run_controlled_cycle<S: Source>(
             cursor: state.cursor.clone(),
             newly_enabled: p.newly_enabled,
             message: state.message.clone(),
-            identity: &identity,
+            identity: &p.identity,
             reload: match &restore {
                 Some(r) if r.covers(state) => Some(format!("source restored: {}", r.reason)),
                 _ if control.reload.covers(&p.mirror.name) => Some("reload requested by an operator".into()),
-                _ => None,
+                _ => another_lifetime(state, &p.identity),
             },
             survey,
         };
@@ -296,7 +326,7 @@ impl Restore {
         Some(Restore {
             reason: format!(
                 "the source identity changed from {} to {identity} (the database was restored or replaced)",
-                t.source_identity.as_deref().unwrap_or("")
+                t.source_identity.as_deref().map(source_part).unwrap_or("")
             ),
             regressed: false,
             identity: identity.to_owned(),
@@ -307,8 +337,26 @@ impl Restore {
     /// the current source (its identity was updated when the reload began)
     /// goes on; after a version regression every table holding rows goes.
     pub fn covers(&self, table: &TableState) -> bool {
-        table.cursor.is_some() && (self.regressed || table.source_identity.as_deref() != Some(&*self.identity))
+        table.cursor.is_some()
+            && (self.regressed || table.source_identity.as_deref().map(source_part) != Some(&*self.identity))
     }
+}
+
+/// Why a table's rows must reload although the source is the same: they
+/// came from another tracking lifetime of the table (it was dropped and
+/// recreated, or its tracking was repaired or reinstalled, possibly by
+/// another application's cycle or by a cycle that failed before the
+/// table's turn). Only the receiver's record tells, so every application
+/// and every later cycle sees it until the reload starts.
+fn another_lifetime(table: &TableState, identity: &str) -> Option<String> {
+    let held = table.source_identity.as_deref()?;
+    (table.cursor.is_some() && held != identity).then(|| {
+        format!(
+            "change tracking of the table was reinstalled (lifetime {}, the mirror's rows came from {})",
+            identity.split_once('/').map_or("none", |(_, g)| g),
+            held.split_once('/').map_or("an earlier version of ctmirror", |(_, g)| g),
+        )
+    })
 }
 
 async fn prepare<S: Source>(
@@ -316,6 +364,7 @@ async fn prepare<S: Source>(
     table: &SourceTable,
     columns: &[String],
     mirror_name: &str,
+    source_identity: &str,
 ) -> Result<Prepared, AgentError> {
     let tracking = source.ensure_tracking(table).await?;
     if tracking.newly_enabled {
@@ -326,5 +375,6 @@ async fn prepare<S: Source>(
     mirror
         .validate()
         .map_err(|e| AgentError::new(AgentErrorKind::Config, e))?;
-    Ok(Prepared { source: schema, mirror, newly_enabled: tracking.newly_enabled })
+    let identity = table_identity(source_identity, tracking.generation.as_deref());
+    Ok(Prepared { source: schema, mirror, newly_enabled: tracking.newly_enabled, identity })
 }

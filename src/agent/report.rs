@@ -89,6 +89,10 @@ pub struct CycleReport {
     /// Set when the cycle found the source restored or replaced and
     /// rebuilt the tenant's mirror; says how it knew.
     pub restore: Option<String>,
+    /// The oldest transaction on the source server when the cycle began:
+    /// the readable version cannot pass it, so while it runs nothing newer
+    /// reaches any mirror of the server.
+    pub oldest_transaction: Option<crate::source::OldestTransaction>,
 }
 
 impl CycleReport {

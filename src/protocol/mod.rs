@@ -75,6 +75,20 @@ pub struct TableSchemaRequest {
     /// are still mapped: the receiver must not drop them.
     #[serde(default)]
     pub skipped: Vec<String>,
+    /// Per mirror table, the identity to store with its rows when this call
+    /// creates or rebuilds it: `source_identity` plus the table's tracking
+    /// lifetime, where the source has one. A table not listed stores
+    /// `source_identity`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub table_identities: std::collections::BTreeMap<String, String>,
+}
+
+impl TableSchemaRequest {
+    /// The identity stored with `table`'s rows when this call creates or
+    /// rebuilds it.
+    pub fn identity_of(&self, table: &str) -> &str {
+        self.table_identities.get(table).map_or(&self.source_identity, String::as_str)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -25,6 +25,10 @@ pub fn validate(req: &TableSchemaRequest) -> Result<(), ReceiverError> {
     if req.source_identity.is_empty() || req.source_identity.len() > 500 {
         return Err(ReceiverError::bad_request("source_identity must be 1 to 500 bytes"));
     }
+    if let Some((table, id)) = req.table_identities.iter().find(|(_, id)| id.is_empty() || id.len() > 500) {
+        return Err(ReceiverError::bad_request(format!("the identity of table {table:?} must be 1 to 500 bytes, not {}", id.len()))
+            .with_table(table));
+    }
     let mut names = HashSet::new();
     for t in &req.tables {
         t.validate().map_err(|e| ReceiverError::bad_request(e).with_table(&t.name))?;
@@ -34,6 +38,10 @@ pub fn validate(req: &TableSchemaRequest) -> Result<(), ReceiverError> {
     }
     if let Some(both) = req.skipped.iter().find(|s| names.contains(s.as_str())) {
         return Err(ReceiverError::bad_request(format!("table {both:?} is both sent and skipped")).with_table(both));
+    }
+    if let Some(stray) = req.table_identities.keys().find(|t| !names.contains(t.as_str())) {
+        return Err(ReceiverError::bad_request(format!("table_identities names table {stray:?}, which is not sent"))
+            .with_table(stray));
     }
     Ok(())
 }
@@ -135,19 +143,19 @@ async fn evolve_table(
         if physical.live.contains(&table.name) {
             tx.batch_execute(&ddl::drop_table(&mirror, &table.name)).await.map_err(|e| db(e, table))?;
         }
-        return create(tx, tenant, &mirror, table, &req.source_identity).await;
+        return create(tx, tenant, &mirror, table, req.identity_of(&table.name)).await;
     };
     let present = if row.reloading { &physical.shadow } else { &physical.live };
     if !present.contains(&table.name) {
         if row.reloading {
             let reason = "the shadow table of an unfinished reload was missing; the reload starts over";
-            reload::begin(tx, tenant, table, &req.source_identity, reason).await?;
+            reload::begin(tx, tenant, table, req.identity_of(&table.name), reason).await?;
             return Ok(rebuilding(table, reason));
         }
         // The partner dropped the mirror table (or its whole schema): start
         // it over. Rows deleted meanwhile cannot linger in a new table.
         tracing::warn!(table = %table.name, "mirror table is missing; recreating it for a full load");
-        return create(tx, tenant, &mirror, table, &req.source_identity).await;
+        return create(tx, tenant, &mirror, table, req.identity_of(&table.name)).await;
     }
     // A table that stays as it is answers the identity its rows came from.
     let held = |status, message| TableState {
@@ -176,7 +184,7 @@ async fn evolve_table(
         }
         Evolution::Rebuild(reason) => {
             tracing::info!(table = %table.name, %reason, "schema change needs a rebuild; loading a shadow table");
-            reload::begin(tx, tenant, table, &req.source_identity, &reason).await?;
+            reload::begin(tx, tenant, table, req.identity_of(&table.name), &reason).await?;
             Ok(rebuilding(table, &reason))
         }
     }

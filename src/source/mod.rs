@@ -86,11 +86,34 @@ impl SourceSchema {
 }
 
 /// What enabling change tracking found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrackingState {
     /// Tracking was off and has just been turned on: no earlier cursor can be
     /// trusted for this table.
     pub newly_enabled: bool,
+    /// The table's tracking lifetime, where the backend tells them apart:
+    /// it changes whenever tracking is reinstalled, so a cursor stored
+    /// with another generation belongs to an earlier lifetime and the
+    /// table must reload. Part of the per-table source identity the
+    /// receiver stores ([`table_identity`]).
+    pub generation: Option<String>,
+}
+
+/// The identity the receiver stores with a table's rows: the source's
+/// identity, plus the table's tracking generation where there is one.
+/// The source part changes when the database is restored or replaced (every
+/// table reloads); the generation when only this table's tracking was
+/// reinstalled (this table reloads, for every application).
+pub fn table_identity(source_identity: &str, generation: Option<&str>) -> String {
+    match generation {
+        Some(g) => format!("{source_identity}/{g}"),
+        None => source_identity.to_owned(),
+    }
+}
+
+/// The source part of a stored table identity (see [`table_identity`]).
+pub fn source_part(table_identity: &str) -> &str {
+    table_identity.split_once('/').map_or(table_identity, |(s, _)| s)
 }
 
 /// How much one chunk may hold. The byte bound is what keeps memory flat on
@@ -131,6 +154,36 @@ impl ChangeRow {
             RowOp::Delete => self.key.0.iter().map(Value::wire_size).sum::<usize>(),
         };
         values + 40
+    }
+}
+
+/// A transaction that holds back the readable version of a whole server.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OldestTransaction {
+    /// How long it has been running (prepared: since it was prepared).
+    pub age_secs: f64,
+    /// Its database, where visible.
+    pub database: Option<String>,
+    /// The backend's process id; `None` for a prepared transaction.
+    pub pid: Option<i32>,
+    /// `active`, `idle in transaction`, `prepared` (as `gid`), …, where
+    /// visible.
+    pub state: Option<String>,
+}
+
+impl std::fmt::Display for OldestTransaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a transaction running for {:.0} s", self.age_secs)?;
+        if let Some(d) = &self.database {
+            write!(f, " in database {d}")?;
+        }
+        if let Some(p) = self.pid {
+            write!(f, ", pid {p}")?;
+        }
+        if let Some(s) = &self.state {
+            write!(f, " ({s})")?;
+        }
+        Ok(())
     }
 }
 
@@ -283,6 +336,38 @@ pub trait Source: Send {
     /// Housekeeping the backend needs before a cycle (retention cleanup for
     /// the PostgreSQL backend; nothing where the server does it itself).
     fn maintain(&mut self) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// Records that `application` reads exactly `tables` now. A backend that
+    /// installs its own capture untracks a table once no application reads
+    /// it any more; the default records nothing.
+    fn record_readers(
+        &mut self,
+        application: &str,
+        tables: &[SourceTable],
+    ) -> impl Future<Output = Result<(), SourceError>> + Send {
+        let _ = (application, tables);
+        async { Ok(()) }
+    }
+
+    /// Turns change tracking off for a table on an operator's request,
+    /// removing what the backend installed for it. `Ok(false)` when it was
+    /// not tracked.
+    fn untrack(&mut self, table: &SourceTable) -> impl Future<Output = Result<bool, SourceError>> + Send {
+        let shown = table.to_string();
+        async move {
+            Err(SourceError::config(format!(
+                "this source cannot untrack {shown} itself; turn its change tracking off in the database"
+            )))
+        }
+    }
+
+    /// The oldest transaction on the server that holds back the readable
+    /// version (see [`Source::current_version`]): while it runs, no change
+    /// after it reaches any mirror of any tenant on the server. `None` when
+    /// none does, or the backend cannot tell.
+    fn oldest_transaction(&mut self) -> impl Future<Output = Result<Option<OldestTransaction>, SourceError>> + Send {
+        async { Ok(None) }
+    }
 
     /// Rows in primary-key order strictly after `after` (from the start when
     /// `None`), values in schema column order.

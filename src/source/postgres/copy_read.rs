@@ -17,7 +17,7 @@
 
 use super::catalog::{display, schema_of};
 use super::errors::pg_error;
-use super::read::{key_texts, text_exprs, SideJoin};
+use super::read::{guard_sql, key_texts, text_exprs, SideJoin};
 use super::sql::{column_list, qualified, quote_ident, quote_literal, DELETED_COL};
 use super::tracking::tracked;
 use crate::pgtext::from_pg_text;
@@ -78,11 +78,13 @@ pub(crate) async fn snapshot_copy(
     Ok(chunk)
 }
 
+#[allow(clippy::too_many_arguments)] // the read's parts, each borrowed from the source
 pub(crate) async fn changes_copy(
     client: &mut Client,
     stmts: &super::statements::Statements,
     widths: &mut RowWidths,
     schema: &SourceSchema,
+    expected: Option<&str>,
     after: &ChangePosition,
     upper: Version,
     limits: ChunkLimits,
@@ -97,11 +99,20 @@ pub(crate) async fn changes_copy(
     };
     let limit = widths.limit(&format!("{shown} changes"), limits);
     // One statement, so no transaction: the side table a table's registry
-    // names changes only when tracking is reinstalled, which the next
-    // cycle's `ensure_tracking` reports (and the table reloads).
+    // names changes only when tracking is reinstalled, which the statement's
+    // guard notices (and the table reloads).
     let registry = tracked(&*client, stmts, &schema.table).await?;
-    let sql =
-        changes_sql(schema, &key_cols, &registry.side_table, after.version, after_texts.as_deref(), upper, limit);
+    let guard = guard_sql(&registry, expected, after);
+    let sql = changes_sql(
+        schema,
+        &key_cols,
+        &registry.side_table,
+        after.version,
+        after_texts.as_deref(),
+        upper,
+        limit,
+        &guard,
+    );
     let stream = client.copy_out(&sql).await.map_err(|e| pg_error(e, &doing, &grant))?;
     let chunk = read_chunk(stream, schema, Layout::Changes, limits, (&doing, &grant)).await?;
     widths.record(&format!("{shown} changes"), &chunk);
@@ -154,6 +165,7 @@ fn snapshot_sql(
     )
 }
 
+#[allow(clippy::too_many_arguments)] // one statement's text from its parts
 fn changes_sql(
     schema: &SourceSchema,
     key_cols: &[&SourceColumn],
@@ -162,6 +174,7 @@ fn changes_sql(
     after_key: Option<&[Option<String>]>,
     upper: Version,
     limit: usize,
+    guard: &str,
 ) -> String {
     let SideJoin { table, side, version, key_names, side_keys, join } = SideJoin::new(schema, key_cols, side_table);
     let lower = match after_key {
@@ -177,6 +190,7 @@ fn changes_sql(
                         WHERE {lower} AND {version} <= {}::bigint \
                         ORDER BY {version}, {side_keys} LIMIT {limit}) AS s \
                  LEFT JOIN {table} AS t ON {join} \
+                WHERE {guard} \
                 ORDER BY {version}, {side_keys}) TO STDOUT (FORMAT binary)",
         wire_exprs(schema, "s"),
         text_exprs("s", key_cols),
@@ -400,7 +414,7 @@ mod tests {
     fn changes_statement_takes_keys_from_the_side_table_and_limits_the_range_scan() {
         let s = schema();
         let keys = s.key_columns();
-        let sql = changes_sql(&s, &keys, "changes_42", Version(7), Some(&[Some("3".into())]), Version(9), 100);
+        let sql = changes_sql(&s, &keys, "changes_42", Version(7), Some(&[Some("3".into())]), Version(9), 100, "g()");
         assert!(sql.starts_with("COPY (SELECT s.\"ctmirror_version\", s.\"ctmirror_deleted\" OR t.\"id\" IS NULL, s.\"id\"::integer, t.\"name\"::text, s.\"id\"::text"), "{sql}");
         assert!(sql.contains("WHERE (s.\"ctmirror_version\", s.\"id\") > (7::bigint, '3'::text::integer) AND s.\"ctmirror_version\" <= 9::bigint ORDER BY s.\"ctmirror_version\", s.\"id\" LIMIT 100) AS s"), "{sql}");
     }

@@ -36,6 +36,14 @@ fn classify(e: &tokio_postgres::Error) -> SourceErrorKind {
         return SourceErrorKind::Transient;
     }
     match e.code() {
+        // Raised by `ctmirror_ct.readable`: the changes after the cursor
+        // are gone or belong to another tracking lifetime; a reload cures
+        // both.
+        Some(code)
+            if code.code() == super::install::EXPIRED_STATE || code.code() == super::install::REPLACED_STATE =>
+        {
+            SourceErrorKind::Expired
+        }
         Some(code) if TRANSIENT.contains(code) => SourceErrorKind::Transient,
         // Class 08: connection exceptions.
         Some(code) if code.code().starts_with("08") => SourceErrorKind::Transient,

@@ -41,7 +41,7 @@ mod triggers;
 
 use crate::protocol::{Key, Value, Version};
 use crate::source::{
-    ChangePosition, ChangeRow, ChunkLimits, CopyChunk, Source, TableSurvey, SourceError, SourceErrorKind, SourceSchema, SourceTable,
+    ChangePosition, ChangeRow, ChunkLimits, CopyChunk, OldestTransaction, Source, TableSurvey, SourceError, SourceErrorKind, SourceSchema, SourceTable,
     TrackingState,
 };
 use errors::pg_error;
@@ -56,6 +56,9 @@ pub struct PostgresSource {
     installed: bool,
     widths: copy_read::RowWidths,
     stmts: statements::Statements,
+    /// The tracking generation [`Source::ensure_tracking`] found per table:
+    /// every change read checks it is still the registered one.
+    generations: std::collections::HashMap<SourceTable, String>,
 }
 
 impl PostgresSource {
@@ -79,7 +82,14 @@ impl PostgresSource {
 
     pub async fn connect(url: &str, retention: Duration) -> Result<PostgresSource, SourceError> {
         let client = session::open(url).await?;
-        Ok(PostgresSource { client, retention, installed: false, widths: Default::default(), stmts: Default::default() })
+        Ok(PostgresSource {
+            client,
+            retention,
+            installed: false,
+            widths: Default::default(),
+            stmts: Default::default(),
+            generations: Default::default(),
+        })
     }
 
     async fn ensure_installed(&mut self) -> Result<(), SourceError> {
@@ -110,6 +120,9 @@ impl Source for PostgresSource {
     async fn ensure_tracking(&mut self, table: &SourceTable) -> Result<TrackingState, SourceError> {
         self.ensure_installed().await?;
         let result = tracking::ensure_tracking(&mut self.client, &self.stmts, table).await;
+        if let Ok(TrackingState { generation: Some(g), .. }) = &result {
+            self.generations.insert(table.clone(), g.clone());
+        }
         self.recheck_on_config_error(result)
     }
 
@@ -148,8 +161,25 @@ impl Source for PostgresSource {
 
     async fn maintain(&mut self) -> Result<(), SourceError> {
         self.ensure_installed().await?;
-        let result = maintain::maintain(&mut self.client, self.retention).await;
+        let result = maintain::maintain(&mut self.client, &self.stmts, self.retention).await;
         self.recheck_on_config_error(result)
+    }
+
+    async fn record_readers(&mut self, application: &str, tables: &[SourceTable]) -> Result<(), SourceError> {
+        self.ensure_installed().await?;
+        let result = maintain::record_readers(&mut self.client, application, tables).await;
+        self.recheck_on_config_error(result)
+    }
+
+    async fn untrack(&mut self, table: &SourceTable) -> Result<bool, SourceError> {
+        self.ensure_installed().await?;
+        let result = maintain::untrack(&mut self.client, &self.stmts, table).await;
+        self.generations.remove(table);
+        self.recheck_on_config_error(result)
+    }
+
+    async fn oldest_transaction(&mut self) -> Result<Option<OldestTransaction>, SourceError> {
+        survey::oldest_transaction(&self.client).await
     }
 
     async fn snapshot_chunk(
@@ -168,7 +198,8 @@ impl Source for PostgresSource {
         upper: Version,
         limits: ChunkLimits,
     ) -> Result<Vec<ChangeRow>, SourceError> {
-        read::changes_chunk(&mut self.client, &self.stmts, schema, after, upper, limits).await
+        let expected = self.generations.get(&schema.table).map(String::as_str);
+        read::changes_chunk(&mut self.client, &self.stmts, schema, expected, after, upper, limits).await
     }
 
     async fn survey(
@@ -177,7 +208,7 @@ impl Source for PostgresSource {
         upper: Version,
     ) -> Result<Vec<TableSurvey>, SourceError> {
         self.ensure_installed().await?;
-        survey::survey(&self.client, &self.stmts, tables, upper).await
+        survey::survey(&self.client, &self.stmts, &self.generations, tables, upper).await
     }
 
     async fn snapshot_copy(
@@ -196,6 +227,8 @@ impl Source for PostgresSource {
         upper: Version,
         limits: ChunkLimits,
     ) -> Result<CopyChunk, SourceError> {
-        copy_read::changes_copy(&mut self.client, &self.stmts, &mut self.widths, schema, after, upper, limits).await
+        let expected = self.generations.get(&schema.table).map(String::as_str);
+        copy_read::changes_copy(&mut self.client, &self.stmts, &mut self.widths, schema, expected, after, upper, limits)
+            .await
     }
 }

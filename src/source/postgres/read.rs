@@ -8,8 +8,8 @@
 
 use super::catalog::{display, schema_of};
 use super::errors::pg_error;
-use super::sql::{column_list, qualified, quote_ident, CT_SCHEMA, DELETED_COL, VERSION_COL};
-use super::tracking::tracked;
+use super::sql::{column_list, qualified, quote_ident, quote_literal, CT_SCHEMA, DELETED_COL, VERSION_COL};
+use super::tracking::{tracked, Tracked};
 use crate::pgtext::{from_pg_text, to_pg_text};
 use crate::protocol::{ColumnType, Key, Value, Version};
 use crate::source::{
@@ -73,6 +73,7 @@ pub(crate) async fn changes_chunk(
     client: &mut Client,
     stmts: &super::statements::Statements,
     schema: &SourceSchema,
+    expected: Option<&str>,
     after: &ChangePosition,
     upper: Version,
     limits: ChunkLimits,
@@ -90,7 +91,8 @@ pub(crate) async fn changes_chunk(
 
     let tx = read_transaction(client).await.map_err(err)?;
     let registry = tracked(&tx, stmts, &schema.table).await?;
-    let sql = changes_sql(schema, &key_cols, &registry.side_table, after.after_key.is_some());
+    let guard = guard_sql(&registry, expected, after);
+    let sql = changes_sql(schema, &key_cols, &registry.side_table, after.after_key.is_some(), &guard);
     let statement = tx.prepare(&sql).await.map_err(err)?;
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&after.version.0];
     params.extend(key_params.iter().map(|p| p as &(dyn ToSql + Sync)));
@@ -152,11 +154,28 @@ impl SideJoin {
     }
 }
 
+/// `ctmirror_ct.readable(…)` for a change read from `after`: evaluated once
+/// per statement, in the statement's snapshot, before any row is read (a
+/// constant condition becomes the plan's one-time filter). It raises when
+/// the table's tracking is no longer the lifetime `expected` (reinstalled
+/// since the cycle began) or retention removed changes the read needs, so a
+/// read can never silently return less than what follows its cursor.
+pub(super) fn guard_sql(registry: &Tracked, expected: Option<&str>, after: &ChangePosition) -> String {
+    format!(
+        "ctmirror_ct.readable({}::oid, {}::uuid, {}::bigint, {})",
+        registry.table_oid,
+        quote_literal(expected.unwrap_or(&registry.generation)),
+        after.version.0,
+        after.after_key.is_some(),
+    )
+}
+
 fn changes_sql(
     schema: &SourceSchema,
     key_cols: &[&SourceColumn],
     side_table: &str,
     has_after: bool,
+    guard: &str,
 ) -> String {
     let SideJoin { table, side, version, key_names, side_keys, join } = SideJoin::new(schema, key_cols, side_table);
     let side_key_texts = text_exprs("s", key_cols);
@@ -178,6 +197,7 @@ fn changes_sql(
                   WHERE {lower} AND {version} <= ${next}::bigint \
                   ORDER BY {version}, {side_keys} LIMIT ${}::bigint) AS s \
            LEFT JOIN {table} AS t ON {join} \
+          WHERE {guard} \
           ORDER BY {version}, {side_keys}",
         next + 1,
         deleted = quote_ident(DELETED_COL),

@@ -13,20 +13,25 @@ use crate::protocol::Version;
 use crate::source::{SourceError, SourceTable, TrackingState};
 use tokio_postgres::{Client, GenericClient, Transaction};
 
-/// Enables tracking (idempotent). An already tracked table whose side table
-/// no longer matches its primary key, or whose triggers were dropped or
-/// disabled, has missed changes: it is reinstalled and reported as newly
-/// enabled so the agent reloads it. A healthy table whose capture was
-/// installed by an older version of ctmirror (or before its key became
-/// deferrable) gets the current functions and triggers in place, in this
-/// transaction, keeping its side table: nothing was missed, nothing reloads.
+/// Enables tracking (idempotent) and answers the tracking lifetime
+/// (generation) the table is in.
+///
+/// An already tracked table whose capture is damaged (see
+/// `ctmirror_ct.damage`: a trigger missing or reset, the key changed, the
+/// table rewritten or its partitions changed, a column replaced) has missed
+/// changes or holds values no write announced: it is reinstalled with a new
+/// generation and reported as newly enabled, so every application reloads
+/// it. A healthy table whose capture was installed by an older version of
+/// ctmirror (or before its key became deferrable) gets the current
+/// functions and triggers in place, in this transaction, keeping its side
+/// table and generation: nothing was missed, nothing reloads.
 pub(crate) async fn ensure_tracking(
     client: &mut Client,
     stmts: &Statements,
     table: &SourceTable,
 ) -> Result<TrackingState, SourceError> {
-    if is_tracked_and_healthy(client, stmts, table).await {
-        return Ok(TrackingState { newly_enabled: false });
+    if let Some(generation) = tracked_and_healthy(client, stmts, table).await {
+        return Ok(TrackingState { newly_enabled: false, generation: Some(generation) });
     }
     let shown = display(table);
     let doing = format!("enabling change tracking on table {shown}");
@@ -51,11 +56,14 @@ pub(crate) async fn ensure_tracking(
         )));
     }
     let deferrable = primary_key_is_deferrable(&tx, stmts, &tref).await?;
-    let capture = Capture { table: &tref, key: &key, deferrable };
+    let partitions = partition_members(&tx, &tref).await?;
+    let capture = Capture { table: &tref, key: &key, deferrable, partitions: &partitions };
     let fingerprint = capture.fingerprint();
     let registered = tx
         .query_opt(
-            "SELECT side_table, capture_fingerprint FROM ctmirror_ct.tracked WHERE table_oid = $1",
+            "SELECT side_table, capture_fingerprint, triggers IS NULL, ctmirror_ct.damage(table_oid),
+                    generation::text, columns IS DISTINCT FROM ctmirror_ct.columns_of(table_oid)
+               FROM ctmirror_ct.tracked WHERE table_oid = $1",
             &[&tref.oid],
         )
         .await
@@ -63,21 +71,33 @@ pub(crate) async fn ensure_tracking(
     if let Some(row) = registered {
         let side: String = row.try_get(0).map_err(err)?;
         let installed: Option<String> = row.try_get(1).map_err(err)?;
+        let legacy: bool = row.try_get(2).map_err(err)?;
+        let damage: Option<String> = row.try_get(3).map_err(err)?;
+        let generation: String = row.try_get(4).map_err(err)?;
+        let columns_moved: bool = row.try_get(5).map_err(err)?;
         let current = installed.as_deref() == Some(fingerprint.as_str());
-        // An installation from before fingerprints is judged by the triggers
-        // it had; it lacks the row-level key trigger.
-        let expected = match installed {
-            None => Trigger::FIRST_GENERATION.to_vec(),
-            Some(_) => capture.triggers(),
+        // A registry row made before layout 2 has no record of its triggers
+        // or shape: it is judged by the triggers its layout had, and its
+        // shape is recorded from now on.
+        let healthy = if legacy {
+            let expected = match (installed.is_some(), tref.partitioned) {
+                (true, false) => Trigger::SECOND_GENERATION_PLAIN.to_vec(),
+                _ => Trigger::FIRST_GENERATION.to_vec(),
+            };
+            is_healthy(&tx, &tref, &side, &key, &expected).await.map_err(err)?
+        } else {
+            damage.is_none()
         };
-        if is_healthy(&tx, &tref, &side, &key, &expected).await.map_err(err)? {
-            if !current {
+        if healthy {
+            if !current || legacy {
                 for statement in capture.upgrade_sql() {
                     tx.batch_execute(&statement).await.map_err(err)?;
                 }
                 tracing::info!(table = %shown, "upgraded the change-tracking triggers to this version's");
             }
-            // A renamed table keeps its oid, side table and triggers.
+            // A renamed table keeps its oid, side table, triggers and
+            // generation. Columns added since are recorded, so that a later
+            // drop and re-add of one of them is noticed.
             tx.execute(
                 "UPDATE ctmirror_ct.tracked SET schema_name = $2, table_name = $3, capture_fingerprint = $4
                   WHERE table_oid = $1
@@ -86,10 +106,14 @@ pub(crate) async fn ensure_tracking(
             )
             .await
             .map_err(err)?;
+            if !current || legacy || columns_moved {
+                record_shape(&tx, &tref, legacy).await.map_err(err)?;
+            }
             tx.commit().await.map_err(err)?;
-            return Ok(TrackingState { newly_enabled: false });
+            return Ok(TrackingState { newly_enabled: false, generation: Some(generation) });
         }
-        tracing::warn!(table = %shown, "change tracking was damaged (key changed or triggers missing); reinstalling");
+        let why = damage.unwrap_or_else(|| "a trigger is missing or disabled, or the key changed".into());
+        tracing::warn!(table = %shown, reason = %why, "change tracking was damaged; reinstalling, the table reloads");
         for statement in drop_sql(tref.oid, Some(&tref)) {
             tx.batch_execute(&statement).await.map_err(err)?;
         }
@@ -100,14 +124,16 @@ pub(crate) async fn ensure_tracking(
     // Our triggers on a table we do not know are leftovers: a restore from
     // a dump recreates the table (a new oid) with triggers that still feed
     // the old side table. They are replaced.
-    for trigger in Trigger::ALL {
-        tx.batch_execute(&format!(
-            "DROP TRIGGER IF EXISTS {} ON {}",
-            quote_ident(&trigger.name()),
-            tref.sql_name()
-        ))
-        .await
-        .map_err(err)?;
+    for member in std::iter::once(&tref).chain(&partitions) {
+        for trigger in Trigger::ALL {
+            tx.batch_execute(&format!(
+                "DROP TRIGGER IF EXISTS {} ON {}",
+                quote_ident(&trigger.name()),
+                member.sql_name()
+            ))
+            .await
+            .map_err(err)?;
+        }
     }
     for statement in capture.install_sql() {
         tx.batch_execute(&statement).await.map_err(err)?;
@@ -120,77 +146,132 @@ pub(crate) async fn ensure_tracking(
     // Using the enabling transaction's own xid instead would put min_valid
     // above the snapshot version of a full load that starts right after
     // (that version is xmin - 1 and an older transaction elsewhere can hold
-    // xmin down), and the load would look expired.
-    tx.execute(
-        "INSERT INTO ctmirror_ct.tracked
-                (table_oid, schema_name, table_name, side_table, enabled_version, min_valid_version,
-                 capture_fingerprint)
-         SELECT $1, $2, $3, $4, v, v, $5
-           FROM (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint - 1 AS v) AS x",
-        &[&tref.oid, &tref.schema, &tref.name, &side_table_name(tref.oid), &fingerprint],
-    )
-    .await
-    .map_err(err)?;
+    // xmin down), and the load would look expired. Cursors of an earlier
+    // lifetime are told apart by the new generation instead.
+    let row = tx
+        .query_one(
+            "INSERT INTO ctmirror_ct.tracked
+                    (table_oid, schema_name, table_name, side_table, enabled_version, min_valid_version,
+                     capture_fingerprint)
+             SELECT $1, $2, $3, $4, v, v, $5
+               FROM (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint - 1 AS v) AS x
+             RETURNING generation::text",
+            &[&tref.oid, &tref.schema, &tref.name, &side_table_name(tref.oid), &fingerprint],
+        )
+        .await
+        .map_err(err)?;
+    let generation: String = row.try_get(0).map_err(err)?;
+    record_shape(&tx, &tref, true).await.map_err(err)?;
     tx.commit().await.map_err(err)?;
-    Ok(TrackingState { newly_enabled: true })
+    Ok(TrackingState { newly_enabled: true, generation: Some(generation) })
+}
+
+/// Records the triggers the capture installed (on the table and every
+/// member of its partition tree) and, when `storage` is set, the table's
+/// storage; always its columns. Storage is recorded only when the capture
+/// is new (or of an older layout): recording it for a healthy table would
+/// hide a rewrite, since damage is judged against it.
+async fn record_shape(tx: &Transaction<'_>, table: &TableRef, storage: bool) -> Result<(), tokio_postgres::Error> {
+    let names: Vec<String> = Trigger::ALL.iter().map(|t| t.name()).collect();
+    tx.execute(
+        "UPDATE ctmirror_ct.tracked
+            SET triggers = (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                                       'rel', g.tgrelid, 'name', g.tgname::text, 'enabled', g.tgenabled::text)
+                                       ORDER BY g.tgrelid, g.tgname), '[]'::jsonb)
+                              FROM pg_catalog.pg_trigger g
+                             WHERE g.tgrelid IN (SELECT p.relid FROM pg_catalog.pg_partition_tree($1) AS p)
+                               AND g.tgname::text = ANY($2::text[])),
+                columns = ctmirror_ct.columns_of($1),
+                storage = CASE WHEN $3 THEN ctmirror_ct.storage_of($1) ELSE storage END
+          WHERE table_oid = $1",
+        &[&table.oid, &names, &storage],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Every member of a partitioned table's tree below it; empty for a plain
+/// table. A foreign-table partition cannot carry the capture's triggers.
+pub(crate) async fn partition_members<C: GenericClient + Sync>(
+    client: &C,
+    table: &TableRef,
+) -> Result<Vec<TableRef>, SourceError> {
+    if !table.partitioned {
+        return Ok(Vec::new());
+    }
+    let doing = format!("listing the partitions of table {}", table.display());
+    let rows = client
+        .query(
+            "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text
+               FROM pg_catalog.pg_partition_tree($1) AS p
+               JOIN pg_catalog.pg_class c ON c.oid = p.relid
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE p.level > 0
+              ORDER BY p.level, c.oid",
+            &[&table.oid],
+        )
+        .await
+        .map_err(|e| pg_error(e, &doing, ""))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let relkind: String = r.try_get(3).map_err(|e| pg_error(e, &doing, ""))?;
+        let member = TableRef {
+            oid: r.try_get(0).map_err(|e| pg_error(e, &doing, ""))?,
+            schema: r.try_get(1).map_err(|e| pg_error(e, &doing, ""))?,
+            name: r.try_get(2).map_err(|e| pg_error(e, &doing, ""))?,
+            partitioned: relkind == "p",
+        };
+        if relkind != "r" && relkind != "p" {
+            return Err(SourceError::config(format!(
+                "partition {} of table {} is not a table (relkind {relkind}); its writes cannot be captured, \
+                 so the table cannot be change-tracked",
+                member.display(),
+                table.display()
+            )));
+        }
+        out.push(member);
+    }
+    Ok(out)
 }
 
 /// The common case in a few prepared queries, without a transaction or the
 /// install lock: the table is registered under its current name with this
-/// version's capture (same fingerprint), its side table's key equals its
-/// primary key and all its triggers fire. Anything else (or any error)
-/// answers `false` and the full check under the lock decides (and upgrades
-/// or reinstalls).
-async fn is_tracked_and_healthy(client: &Client, stmts: &Statements, table: &SourceTable) -> bool {
-    let Ok(tref) = find_table(client, stmts, table).await else { return false };
-    let Ok(key) = primary_key(client, stmts, &tref).await else { return false };
+/// version's capture (same fingerprint), nothing about it is damaged and
+/// its columns are as recorded. Answers its generation; anything else (or
+/// any error) answers `None` and the full check under the lock decides
+/// (and upgrades or reinstalls).
+async fn tracked_and_healthy(client: &Client, stmts: &Statements, table: &SourceTable) -> Option<String> {
+    let tref = find_table(client, stmts, table).await.ok()?;
+    let key = primary_key(client, stmts, &tref).await.ok()?;
     if key.is_empty() {
-        return false;
+        return None;
     }
-    let Ok(deferrable) = primary_key_is_deferrable(client, stmts, &tref).await else { return false };
-    let capture = Capture { table: &tref, key: &key, deferrable };
+    let deferrable = primary_key_is_deferrable(client, stmts, &tref).await.ok()?;
+    let capture = Capture { table: &tref, key: &key, deferrable, partitions: &[] };
     const SQL: &str = "
-        WITH t AS (
-            SELECT c.oid, r.side_table, (r.schema_name, r.table_name) = ($1::text, $2::text) AS same_name
-              FROM pg_catalog.pg_class c
-              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-              JOIN ctmirror_ct.tracked r ON r.table_oid = c.oid
-             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
-               AND r.capture_fingerprint = $6)
-        SELECT t.same_name
-           AND (SELECT count(*) FROM pg_catalog.pg_trigger
-                 WHERE tgrelid = t.oid AND tgname::text = ANY($3::text[]) AND tgenabled::text IN ('O', 'A'))
-               = pg_catalog.cardinality($3::text[])
-           AND ARRAY(SELECT ROW(a.attname::text, a.atttypid, a.atttypmod, a.attcollation)::text
-                       FROM pg_catalog.pg_attribute a
-                       JOIN pg_catalog.pg_class sc ON sc.oid = a.attrelid
-                       JOIN pg_catalog.pg_namespace sn ON sn.oid = sc.relnamespace
-                      WHERE sn.nspname = 'ctmirror_ct' AND sc.relname = t.side_table
-                        AND a.attnum > 0 AND NOT a.attisdropped
-                        AND a.attname::text NOT IN ($4::text, $5::text)
-                      ORDER BY a.attnum)
-             = ARRAY(SELECT ROW(a.attname::text, a.atttypid, a.atttypmod, a.attcollation)::text
-                       FROM pg_catalog.pg_index i
-                      CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
-                       JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                      WHERE i.indrelid = t.oid AND i.indisprimary
-                      ORDER BY k.ord)
-          FROM t";
-    let names: Vec<String> = capture.triggers().iter().map(|t| t.name()).collect();
+        SELECT r.generation::text,
+               (r.schema_name, r.table_name) = ($2::text, $3::text)
+               AND r.capture_fingerprint = $4
+               AND ctmirror_ct.damage(r.table_oid) IS NULL
+               AND r.columns = ctmirror_ct.columns_of(r.table_oid)
+          FROM ctmirror_ct.tracked r
+         WHERE r.table_oid = $1";
     let fingerprint = capture.fingerprint();
-    let Ok(statement) = stmts.get(client, SQL).await else { return false };
+    let statement = stmts.get(client, SQL).await.ok()?;
     let schema = schema_of(table);
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-        [&schema, &table.name, &names, &VERSION_COL, &DELETED_COL, &fingerprint];
-    match client.query_opt(&statement, &params).await {
-        Ok(Some(row)) => row.try_get::<_, Option<bool>>(0).ok().flatten().unwrap_or(false),
-        _ => false,
+    let row = client.query_opt(&statement, &[&tref.oid, &schema, &table.name, &fingerprint]).await.ok()??;
+    let healthy: Option<bool> = row.try_get(1).ok()?;
+    match healthy {
+        Some(true) => row.try_get(0).ok(),
+        _ => None,
     }
 }
 
-/// Whether the side table's key columns still equal the table's primary key
-/// (names, types, typmods, collations, order) and the `expected` triggers
-/// exist and fire.
+/// For registry rows of older layouts: whether the side table's key
+/// columns still equal the table's primary key (names, types, typmods,
+/// collations, order) and the `expected` triggers exist and fire always
+/// (`ENABLE TRIGGER ALL` resets them to fire for origin writers only, and
+/// replica writers then go uncaptured).
 async fn is_healthy(
     tx: &Transaction<'_>,
     table: &TableRef,
@@ -229,7 +310,7 @@ async fn is_healthy(
     let firing: i64 = tx
         .query_one(
             "SELECT count(*) FROM pg_catalog.pg_trigger
-              WHERE tgrelid = $1 AND tgname::text = ANY($2::text[]) AND tgenabled::text IN ('O', 'A')",
+              WHERE tgrelid = $1 AND tgname::text = ANY($2::text[]) AND tgenabled::text = 'A'",
             &[&table.oid, &names],
         )
         .await?
@@ -239,8 +320,23 @@ async fn is_healthy(
 
 /// A tracked table's registry entry.
 pub(crate) struct Tracked {
+    pub table_oid: u32,
     pub side_table: String,
     pub min_valid_version: Version,
+    /// The tracking lifetime now registered.
+    pub generation: String,
+}
+
+impl Tracked {
+    fn from_row(row: &tokio_postgres::Row, shown: &str) -> Result<Tracked, SourceError> {
+        let get_err = |e| pg_error(e, shown, "");
+        Ok(Tracked {
+            table_oid: row.try_get(0).map_err(get_err)?,
+            side_table: row.try_get(1).map_err(get_err)?,
+            min_valid_version: Version(row.try_get(2).map_err(get_err)?),
+            generation: row.try_get(3).map_err(get_err)?,
+        })
+    }
 }
 
 /// Looks a table up in the registry; not tracked is a configuration error
@@ -252,12 +348,13 @@ pub(crate) async fn tracked<C: GenericClient + Sync>(
 ) -> Result<Tracked, SourceError> {
     // By name in one query; only when that finds nothing does the slower
     // path below say whether the table is missing or just not tracked.
-    const BY_NAME: &str = "SELECT r.side_table, r.min_valid_version
+    const BY_NAME: &str = "SELECT r.table_oid, r.side_table, r.min_valid_version, r.generation::text
                              FROM pg_catalog.pg_class c
                              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                              JOIN ctmirror_ct.tracked r ON r.table_oid = c.oid
                             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')";
-    const SQL: &str = "SELECT side_table, min_valid_version FROM ctmirror_ct.tracked WHERE table_oid = $1";
+    const SQL: &str = "SELECT table_oid, side_table, min_valid_version, generation::text
+                         FROM ctmirror_ct.tracked WHERE table_oid = $1";
     let shown = display(table);
     let by_name_err = |e| {
         pg_error(
@@ -268,9 +365,7 @@ pub(crate) async fn tracked<C: GenericClient + Sync>(
     };
     let statement = stmts.get(client, BY_NAME).await.map_err(by_name_err)?;
     if let Some(row) = client.query_opt(&statement, &[&schema_of(table), &table.name]).await.map_err(by_name_err)? {
-        let side_table: String = row.try_get(0).map_err(|e| pg_error(e, &shown, ""))?;
-        let min_valid: i64 = row.try_get(1).map_err(|e| pg_error(e, &shown, ""))?;
-        return Ok(Tracked { side_table, min_valid_version: Version(min_valid) });
+        return Tracked::from_row(&row, &shown);
     }
     let tref = find_table(client, stmts, table).await?;
     let shown = tref.display();
@@ -286,7 +381,5 @@ pub(crate) async fn tracked<C: GenericClient + Sync>(
     let Some(row) = row else {
         return Err(SourceError::config(format!("change tracking is not enabled on table {shown}")));
     };
-    let side_table: String = row.try_get(0).map_err(|e| pg_error(e, &shown, ""))?;
-    let min_valid: i64 = row.try_get(1).map_err(|e| pg_error(e, &shown, ""))?;
-    Ok(Tracked { side_table, min_valid_version: Version(min_valid) })
+    Tracked::from_row(&row, &shown)
 }

@@ -60,23 +60,49 @@ pub(crate) fn side_table_name(oid: u32) -> String {
 pub(crate) enum Trigger {
     Insert,
     Update,
-    /// Row-level, plain tables only: marks the old key of a primary-key
-    /// update deleted.
+    /// Row-level: marks the old key of a primary-key update deleted. On
+    /// plain tables it fires always; on partitioned tables, where the
+    /// statement trigger sees both transition tables, only for replica
+    /// writers.
     UpdateKey,
     Delete,
     Truncate,
+    /// After TRUNCATE: records the truncated relation's new filenode, so a
+    /// TRUNCATE (captured) is not mistaken for a rewrite (not captured).
+    Truncated,
+    /// Row-level, enabled for replica writers only: the logical-replication
+    /// apply worker fires row triggers and never statement ones. Sessions
+    /// with `session_replication_role = replica` fire both; the second
+    /// upsert of a key in one transaction changes nothing.
+    ReplicaInsert,
+    ReplicaUpdate,
+    ReplicaDelete,
 }
 
 impl Trigger {
     /// Every trigger any layout uses, for dropping.
-    pub(crate) const ALL: [Trigger; 5] =
-        [Trigger::Insert, Trigger::Update, Trigger::UpdateKey, Trigger::Delete, Trigger::Truncate];
+    pub(crate) const ALL: [Trigger; 9] = [
+        Trigger::Insert,
+        Trigger::Update,
+        Trigger::UpdateKey,
+        Trigger::Delete,
+        Trigger::Truncate,
+        Trigger::Truncated,
+        Trigger::ReplicaInsert,
+        Trigger::ReplicaUpdate,
+        Trigger::ReplicaDelete,
+    ];
 
     /// The triggers of installations made before the registry kept
     /// fingerprints. One that still has them all lost nothing, so it is
     /// upgraded in place rather than reinstalled.
     pub(crate) const FIRST_GENERATION: [Trigger; 4] =
         [Trigger::Insert, Trigger::Update, Trigger::Delete, Trigger::Truncate];
+
+    /// The triggers of installations made before layout 2 (fingerprinted,
+    /// without replica or TRUNCATE-recording triggers), on plain tables.
+    pub(crate) const SECOND_GENERATION_PLAIN: [Trigger; 5] =
+        [Trigger::Insert, Trigger::Update, Trigger::UpdateKey, Trigger::Delete, Trigger::Truncate];
 
     fn word(self) -> &'static str {
         match self {
@@ -85,6 +111,10 @@ impl Trigger {
             Trigger::UpdateKey => "update_key",
             Trigger::Delete => "delete",
             Trigger::Truncate => "truncate",
+            Trigger::Truncated => "truncated",
+            Trigger::ReplicaInsert => "replica_insert",
+            Trigger::ReplicaUpdate => "replica_update",
+            Trigger::ReplicaDelete => "replica_delete",
         }
     }
 
@@ -95,22 +125,33 @@ impl Trigger {
     fn function(self, oid: u32) -> String {
         qualified(CT_SCHEMA, &format!("capture_{oid}_{}", self.word()))
     }
+
+    /// Statement-level triggers fire only for statements that name their
+    /// table, so each member of a partition tree carries them too; row
+    /// triggers on a partitioned table are cloned to its partitions by
+    /// PostgreSQL itself.
+    fn on_partitions(self) -> bool {
+        matches!(self, Trigger::Insert | Trigger::Update | Trigger::Delete | Trigger::Truncate | Trigger::Truncated)
+    }
 }
 
 /// What a table's capture depends on: its identity, its primary key and
-/// the two traits that change the SQL.
+/// the traits that change the SQL.
 pub(crate) struct Capture<'a> {
     pub table: &'a TableRef,
     pub key: &'a [KeyColumn],
     /// The primary key is checked at commit (or can be): transition tables
     /// may hold a key twice.
     pub deferrable: bool,
+    /// Every member of the table's partition tree below it (partitions and
+    /// sub-partitions); empty for a plain table.
+    pub partitions: &'a [TableRef],
 }
 
 impl Capture<'_> {
     /// The triggers this table carries.
     pub(crate) fn triggers(&self) -> Vec<Trigger> {
-        Trigger::ALL.into_iter().filter(|t| *t != Trigger::UpdateKey || !self.table.partitioned).collect()
+        Trigger::ALL.to_vec()
     }
 
     fn key_names(&self) -> Vec<String> {
@@ -121,7 +162,7 @@ impl Capture<'_> {
     /// the triggers.
     pub(crate) fn install_sql(&self) -> Vec<String> {
         let mut out = side_table_sql(self.table.oid, self.key);
-        out.extend(self.capture_sql(&self.table.sql_name()));
+        out.extend(self.all_capture_sql());
         out
     }
 
@@ -131,14 +172,26 @@ impl Capture<'_> {
     /// so no write goes uncaptured.
     pub(crate) fn upgrade_sql(&self) -> Vec<String> {
         let mut out = drop_capture_sql(self.table.oid, Some(self.table));
-        out.extend(self.capture_sql(&self.table.sql_name()));
+        out.extend(self.all_capture_sql());
+        out
+    }
+
+    fn all_capture_sql(&self) -> Vec<String> {
+        let mut out = self.capture_sql(&self.table.sql_name());
+        for member in self.partitions {
+            for trigger in self.triggers().into_iter().filter(|t| t.on_partitions()) {
+                out.extend(self.trigger_sql(trigger, &member.sql_name()));
+            }
+        }
         out
     }
 
     /// Identifies the capture SQL this version of ctmirror installs for the
     /// table, so an installation made by an older version (or before the
     /// key became deferrable) is noticed and upgraded. The table's name is
-    /// left out: a rename changes nothing in what the triggers do.
+    /// left out: a rename changes nothing in what the triggers do. So are
+    /// the partitions: a change to them is damage, found by
+    /// `ctmirror_ct.damage`.
     pub(crate) fn fingerprint(&self) -> String {
         let mut hash = Sha256::new();
         for statement in self.capture_sql("ctmirror_source_table") {
@@ -148,33 +201,51 @@ impl Capture<'_> {
         hex::encode(hash.finalize())
     }
 
-    /// The functions and triggers (enabled ALWAYS, so rows applied with
-    /// `session_replication_role = replica` are tracked too), with `on` as
-    /// the table's SQL name.
+    /// The functions and triggers, with `on` as the table's SQL name.
     fn capture_sql(&self, on: &str) -> Vec<String> {
         let mut out = Vec::new();
         for trigger in self.triggers() {
             out.push(self.function_sql(trigger));
-            out.push(format!(
+            out.extend(self.trigger_sql(trigger, on));
+        }
+        out
+    }
+
+    /// One trigger on `on`, and the state it fires in: ALWAYS, so rows
+    /// written with `session_replication_role = replica` are captured too;
+    /// REPLICA for the triggers that exist for the apply worker (and, on
+    /// partitioned tables, the key trigger the statement trigger makes
+    /// redundant for everyone else).
+    fn trigger_sql(&self, trigger: Trigger, on: &str) -> Vec<String> {
+        vec![
+            format!(
                 "CREATE TRIGGER {} {} ON {on}{} EXECUTE FUNCTION {}()",
                 quote_ident(&trigger.name()),
                 self.timing(trigger),
                 self.firing(trigger),
                 trigger.function(self.table.oid),
-            ));
-            out.push(format!("ALTER TABLE {on} ENABLE ALWAYS TRIGGER {}", quote_ident(&trigger.name())));
+            ),
+            format!("ALTER TABLE {on} ENABLE {} TRIGGER {}", self.enabled(trigger), quote_ident(&trigger.name())),
+        ]
+    }
+
+    fn enabled(&self, trigger: Trigger) -> &'static str {
+        match trigger {
+            Trigger::ReplicaInsert | Trigger::ReplicaUpdate | Trigger::ReplicaDelete => "REPLICA",
+            Trigger::UpdateKey if self.table.partitioned => "REPLICA",
+            _ => "ALWAYS",
         }
-        out
     }
 
     /// TRUNCATE has no transition table, but in a BEFORE trigger the rows
     /// are still readable, so every key can be marked deleted.
     fn timing(&self, trigger: Trigger) -> &'static str {
         match trigger {
-            Trigger::Insert => "AFTER INSERT",
-            Trigger::Update | Trigger::UpdateKey => "AFTER UPDATE",
-            Trigger::Delete => "AFTER DELETE",
+            Trigger::Insert | Trigger::ReplicaInsert => "AFTER INSERT",
+            Trigger::Update | Trigger::UpdateKey | Trigger::ReplicaUpdate => "AFTER UPDATE",
+            Trigger::Delete | Trigger::ReplicaDelete => "AFTER DELETE",
             Trigger::Truncate => "BEFORE TRUNCATE",
+            Trigger::Truncated => "AFTER TRUNCATE",
         }
     }
 
@@ -189,6 +260,8 @@ impl Capture<'_> {
             Trigger::Update => " REFERENCING NEW TABLE AS ctmirror_new FOR EACH STATEMENT".into(),
             // IS DISTINCT FROM compares with the key type's own equality
             // (and collation), as the primary key and the side table do.
+            // Parsed here, with this session's search path: the operator
+            // is fixed in the trigger, whatever the writer's path says.
             Trigger::UpdateKey => format!(
                 " FOR EACH ROW WHEN ({})",
                 self.key
@@ -198,11 +271,12 @@ impl Capture<'_> {
                     .join(" OR ")
             ),
             Trigger::Delete => " REFERENCING OLD TABLE AS ctmirror_old FOR EACH STATEMENT".into(),
-            Trigger::Truncate => " FOR EACH STATEMENT".into(),
+            Trigger::Truncate | Trigger::Truncated => " FOR EACH STATEMENT".into(),
+            Trigger::ReplicaInsert | Trigger::ReplicaUpdate | Trigger::ReplicaDelete => " FOR EACH ROW".into(),
         }
     }
 
-    /// The plpgsql capture function of one trigger: a single upsert.
+    /// The plpgsql capture function of one trigger: a single statement.
     /// SECURITY DEFINER so the tenant's application roles need no rights on
     /// `ctmirror_ct`. Columns are always alias-qualified and `use_column`
     /// settles any clash with plpgsql's own variables (a key column named
@@ -213,6 +287,11 @@ impl Capture<'_> {
             let distinct = if self.deferrable { "DISTINCT " } else { "" };
             format!("SELECT {distinct}{} FROM {table} AS {alias}", column_list(Some(alias), &key))
         };
+        let record_key = |record: &str| -> String {
+            let cols: Vec<String> = key.iter().map(|k| format!("{record}.{q} AS {q}", q = quote_ident(k))).collect();
+            format!("SELECT {}", cols.join(", "))
+        };
+        let mut settings = "";
         let statement = match trigger {
             Trigger::Insert => self.upsert(&keys("n", "ctmirror_new"), "false"),
             Trigger::Update if self.table.partitioned => self.upsert(
@@ -228,11 +307,8 @@ impl Capture<'_> {
                 &format!("c.{}", quote_ident(DELETED_COL)),
             ),
             Trigger::Update => self.upsert(&keys("n", "ctmirror_new"), "false"),
-            Trigger::UpdateKey => {
-                let old_key: Vec<String> =
-                    key.iter().map(|k| format!("OLD.{q} AS {q}", q = quote_ident(k))).collect();
-                self.upsert(&format!("SELECT {}", old_key.join(", ")), "true")
-            }
+            Trigger::UpdateKey | Trigger::ReplicaDelete => self.upsert(&record_key("OLD"), "true"),
+            Trigger::ReplicaInsert | Trigger::ReplicaUpdate => self.upsert(&record_key("NEW"), "false"),
             Trigger::Delete => self.upsert(&keys("o", "ctmirror_old"), "true"),
             // Dynamic, with the table's current name: a function body
             // naming the table would break TRUNCATE once it is renamed.
@@ -244,16 +320,27 @@ impl Capture<'_> {
                     template.replace('\'', "''").replace('%', "%%").replace('\0', "%I.%I")
                 )
             }
+            // Runs once per TRUNCATE, so it can afford a fixed search path
+            // for the jsonb operator it uses.
+            Trigger::Truncated => {
+                settings = " SET search_path = pg_catalog, pg_temp";
+                format!(
+                    "UPDATE ctmirror_ct.tracked \
+                        SET storage = storage || jsonb_build_object(TG_RELID::text, pg_relation_filenode(TG_RELID)) \
+                      WHERE table_oid = {} AND storage ? TG_RELID::text",
+                    self.table.oid
+                )
+            }
         };
         let body = format!("\n#variable_conflict use_column\nBEGIN\n{statement};\nRETURN NULL;\nEND\n");
         format!(
-            "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS {}",
+            "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER{settings} AS {}",
             trigger.function(self.table.oid),
             dollar_quote(&body)
         )
     }
 
-    /// Upserts the keys `source` yields with this transaction's id as
+/// Upserts the keys `source` yields with this transaction's id as
     /// version: the side row always takes the newest writer's version and
     /// flag. `deleted` is an expression over the source row `c`.
     fn upsert(&self, source: &str, deleted: &str) -> String {
