@@ -69,6 +69,8 @@ struct Prepared {
     /// The identity the receiver stores with this table's rows: the
     /// source's, plus the table's tracking generation.
     identity: String,
+    /// Why the table's tracking was last reinstalled, if it was.
+    reinstalled_because: Option<String>,
 }
 
 /// Runs one cycle. Errors that stop the whole cycle (authentication, the
@@ -231,7 +233,7 @@ pub async fn run_controlled_cycle<S: Source>(
             reload: match &restore {
                 Some(r) if r.covers(state) => Some(format!("source restored: {}", r.reason)),
                 _ if control.reload.covers(&p.mirror.name) => Some("reload requested by an operator".into()),
-                _ => another_lifetime(state, &p.identity),
+                _ => another_lifetime(state, &p.identity, p.reinstalled_because.as_deref()),
             },
             survey,
         };
@@ -322,7 +324,7 @@ impl Restore {
                 identity: identity.to_owned(),
             });
         }
-        let t = held.find(|t| t.source_identity.as_deref().is_some_and(|i| i != identity))?;
+        let t = held.find(|t| t.source_identity.as_deref().is_some_and(|i| source_part(i) != identity))?;
         Some(Restore {
             reason: format!(
                 "the source identity changed from {} to {identity} (the database was restored or replaced)",
@@ -348,11 +350,12 @@ impl Restore {
 /// another application's cycle or by a cycle that failed before the
 /// table's turn). Only the receiver's record tells, so every application
 /// and every later cycle sees it until the reload starts.
-fn another_lifetime(table: &TableState, identity: &str) -> Option<String> {
+fn another_lifetime(table: &TableState, identity: &str, because: Option<&str>) -> Option<String> {
     let held = table.source_identity.as_deref()?;
     (table.cursor.is_some() && held != identity).then(|| {
         format!(
-            "change tracking of the table was reinstalled (lifetime {}, the mirror's rows came from {})",
+            "change tracking of the table was reinstalled{} (lifetime {}, the mirror's rows came from {})",
+            because.map(|b| format!(": {b}")).unwrap_or_default(),
             identity.split_once('/').map_or("none", |(_, g)| g),
             held.split_once('/').map_or("an earlier version of ctmirror", |(_, g)| g),
         )
@@ -376,5 +379,11 @@ async fn prepare<S: Source>(
         .validate()
         .map_err(|e| AgentError::new(AgentErrorKind::Config, e))?;
     let identity = table_identity(source_identity, tracking.generation.as_deref());
-    Ok(Prepared { source: schema, mirror, newly_enabled: tracking.newly_enabled, identity })
+    Ok(Prepared {
+        source: schema,
+        mirror,
+        newly_enabled: tracking.newly_enabled,
+        identity,
+        reinstalled_because: tracking.installed_because,
+    })
 }

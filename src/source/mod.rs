@@ -97,6 +97,10 @@ pub struct TrackingState {
     /// table must reload. Part of the per-table source identity the
     /// receiver stores ([`table_identity`]).
     pub generation: Option<String>,
+    /// Why the current generation replaced an earlier one (the capture was
+    /// damaged: a trigger reset, a rewrite, a key change), for the reload's
+    /// reason; `None` when tracking was simply enabled.
+    pub installed_because: Option<String>,
 }
 
 /// The identity the receiver stores with a table's rows: the source's

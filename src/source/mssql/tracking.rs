@@ -87,7 +87,7 @@ pub async fn ensure_table(client: &mut MsClient, table: &SourceTable) -> Result<
         )));
     }
     if row.get(1) == Some(&SqlValue::Int(1)) {
-        return Ok(TrackingState { newly_enabled: false, generation: None });
+        return Ok(TrackingState { newly_enabled: false, generation: None, installed_because: None });
     }
     tracing::info!(table = %shown, "turning change tracking on for the table");
     match client
@@ -99,8 +99,8 @@ pub async fn ensure_table(client: &mut MsClient, table: &SourceTable) -> Result<
         )
         .await
     {
-        Ok(()) => Ok(TrackingState { newly_enabled: true, generation: None }),
-        Err(e) if e.message.contains(ALREADY_ENABLED) => Ok(TrackingState { newly_enabled: true, generation: None }),
+        Ok(()) => Ok(TrackingState { newly_enabled: true, generation: None, installed_because: None }),
+        Err(e) if e.message.contains(ALREADY_ENABLED) => Ok(TrackingState { newly_enabled: true, generation: None, installed_because: None }),
         Err(e) => Err(e),
     }
 }

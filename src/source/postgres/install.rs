@@ -52,12 +52,14 @@ BEGIN
             ('generation', 'uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid()'),
             -- What the capture was installed on: storage (relation ->
             -- filenode, every member of a partition tree) and columns
-            -- (attnum -> name, type, typmod, enum labels).
+            -- (attnum -> name, enum labels).
             ('storage', 'jsonb'),
             ('columns', 'jsonb'),
             -- Every trigger the capture installed, as relation oid, name and
             -- the tgenabled state it must keep.
-            ('triggers', 'jsonb')) AS v(name, definition)
+            ('triggers', 'jsonb'),
+            -- Why this lifetime began when it replaced a damaged one.
+            ('installed_because', 'text')) AS v(name, definition)
     LOOP
         IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute
                         WHERE attrelid = 'ctmirror_ct.tracked'::pg_catalog.regclass
@@ -95,22 +97,24 @@ CREATE TABLE IF NOT EXISTS ctmirror_ct.readers (
     PRIMARY KEY (table_oid, application)
 );
 
--- The storage of a tracked table: each member of its partition tree (or
--- the table alone) with its filenode. A rewrite (ALTER COLUMN TYPE ... USING,
+-- The storage of a tracked table: the table and each member of its
+-- partition tree (which lists nothing for a plain table) with its filenode. A rewrite (ALTER COLUMN TYPE ... USING,
 -- VACUUM FULL), an ATTACH, DETACH or DROP of a partition changes it; a
 -- TRUNCATE changes it too, and the capture records the new value itself.
 CREATE OR REPLACE FUNCTION ctmirror_ct.storage_of(rel oid) RETURNS jsonb
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $ctmirror$
-    SELECT coalesce(jsonb_object_agg(p.relid::text, pg_relation_filenode(p.relid)), '{}'::jsonb)
-      FROM pg_partition_tree(rel) AS p
+    SELECT jsonb_object_agg(m.relid::text, pg_relation_filenode(m.relid))
+      FROM (SELECT rel AS relid UNION SELECT p.relid FROM pg_partition_tree(rel) AS p) AS m
 $ctmirror$;
 
--- The columns of a table: attnum -> name, type, typmod and, for enum
--- columns, the labels in order.
+-- The columns of a table: attnum -> name and, for enum columns, the labels
+-- in order. Types are left out: a type change that keeps the storage (a
+-- longer varchar, a wider numeric) keeps every value, and one that does not
+-- rewrites the table, which the storage shows.
 CREATE OR REPLACE FUNCTION ctmirror_ct.columns_of(rel oid) RETURNS jsonb
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $ctmirror$
     SELECT coalesce(jsonb_object_agg(a.attnum::text, jsonb_build_array(
-               a.attname::text, a.atttypid, a.atttypmod,
+               a.attname::text,
                (SELECT array_agg(e.enumlabel::text ORDER BY e.enumsortorder)
                   FROM pg_enum e WHERE e.enumtypid = a.atttypid))), '{}'::jsonb)
       FROM pg_attribute a
@@ -120,15 +124,15 @@ $ctmirror$;
 -- Why the tracking of a table can no longer be trusted, or NULL when it can.
 -- A trigger of the capture missing or not firing as installed, a side table
 -- whose key is no longer the primary key, a rewritten table or partition
--- tree, a column whose name, type or enum labels changed, or a name that
--- now belongs to another column: each means changes went uncaptured (or
+-- tree, a column whose name or enum labels changed, or a name that now
+-- belongs to another column: each means changes went uncaptured (or
 -- values changed without a write), so the table must reload.
 CREATE OR REPLACE FUNCTION ctmirror_ct.damage(rel oid) RETURNS text
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $ctmirror$
 DECLARE
     r ctmirror_ct.tracked;
     side regclass;
-    found text;
+    culprit text;
 BEGIN
     SELECT * INTO r FROM ctmirror_ct.tracked WHERE table_oid = rel;
     IF NOT FOUND THEN
@@ -144,14 +148,14 @@ BEGIN
     IF side IS NULL THEN
         RETURN 'its side table is missing';
     END IF;
-    SELECT t.value->>'name' || ' on ' || (t.value->>'rel')::oid::regclass::text INTO found
+    SELECT t.value->>'name' || ' on ' || (t.value->>'rel')::oid::regclass::text INTO culprit
       FROM jsonb_array_elements(r.triggers) AS t
      WHERE NOT EXISTS (SELECT FROM pg_trigger g
                         WHERE g.tgrelid = (t.value->>'rel')::oid AND g.tgname = t.value->>'name'
                           AND g.tgenabled::text = t.value->>'enabled')
      LIMIT 1;
-    IF found IS NOT NULL THEN
-        RETURN 'trigger ' || found || ' is missing, disabled or no longer enabled as installed';
+    IF culprit IS NOT NULL THEN
+        RETURN 'trigger ' || culprit || ' is missing, disabled or no longer enabled as installed';
     END IF;
     IF ARRAY(SELECT ROW(a.attname::text, a.atttypid, a.atttypmod, a.attcollation)::text
                FROM pg_attribute a
@@ -168,14 +172,14 @@ BEGIN
               ORDER BY k.ord) THEN
         RETURN 'the primary key changed';
     END IF;
-    SELECT s.value->>0 INTO found
+    SELECT s.value->>0 INTO culprit
       FROM jsonb_each(r.columns) AS s
       JOIN jsonb_each(ctmirror_ct.columns_of(rel)) AS c
         ON (c.key = s.key AND c.value IS DISTINCT FROM s.value)
         OR (c.key <> s.key AND c.value->>0 = s.value->>0)
      LIMIT 1;
-    IF found IS NOT NULL THEN
-        RETURN 'column ' || quote_ident(found) || ' was dropped and re-added, or changed its type or enum labels';
+    IF culprit IS NOT NULL THEN
+        RETURN 'column ' || quote_ident(culprit) || ' was renamed, dropped and re-added, or its enum labels changed';
     END IF;
     RETURN NULL;
 END
@@ -204,8 +208,6 @@ BEGIN
     RETURN true;
 END
 $ctmirror$;
-
-CREATE OR REPLACE FUNCTION ctmirror_ct.layout() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 2';
 ";
 
 /// Creates the schema, registry tables and functions when missing or of an
@@ -221,6 +223,12 @@ pub(crate) async fn install(client: &mut Client) -> Result<(), SourceError> {
         .await
         .map_err(|e| pg_error(e, doing, GRANT))?;
     tx.batch_execute(INSTALL_SQL).await.map_err(|e| pg_error(e, doing, GRANT))?;
+    // Last: an installation that reports this layout has all of the above.
+    tx.batch_execute(&format!(
+        "CREATE OR REPLACE FUNCTION ctmirror_ct.layout() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT {LAYOUT}'"
+    ))
+    .await
+    .map_err(|e| pg_error(e, doing, GRANT))?;
     tx.commit().await.map_err(|e| pg_error(e, doing, GRANT))
 }
 

@@ -30,8 +30,8 @@ pub(crate) async fn ensure_tracking(
     stmts: &Statements,
     table: &SourceTable,
 ) -> Result<TrackingState, SourceError> {
-    if let Some(generation) = tracked_and_healthy(client, stmts, table).await {
-        return Ok(TrackingState { newly_enabled: false, generation: Some(generation) });
+    if let Some((generation, installed_because)) = tracked_and_healthy(client, stmts, table).await {
+        return Ok(TrackingState { newly_enabled: false, generation: Some(generation), installed_because });
     }
     let shown = display(table);
     let doing = format!("enabling change tracking on table {shown}");
@@ -56,13 +56,15 @@ pub(crate) async fn ensure_tracking(
         )));
     }
     let deferrable = primary_key_is_deferrable(&tx, stmts, &tref).await?;
+    refuse_partition(&tx, &tref).await?;
     let partitions = partition_members(&tx, &tref).await?;
     let capture = Capture { table: &tref, key: &key, deferrable, partitions: &partitions };
     let fingerprint = capture.fingerprint();
+    let mut reinstalled_because = None;
     let registered = tx
         .query_opt(
             "SELECT side_table, capture_fingerprint, triggers IS NULL, ctmirror_ct.damage(table_oid),
-                    generation::text, columns IS DISTINCT FROM ctmirror_ct.columns_of(table_oid)
+                    generation::text, columns IS DISTINCT FROM ctmirror_ct.columns_of(table_oid), installed_because
                FROM ctmirror_ct.tracked WHERE table_oid = $1",
             &[&tref.oid],
         )
@@ -75,6 +77,7 @@ pub(crate) async fn ensure_tracking(
         let damage: Option<String> = row.try_get(3).map_err(err)?;
         let generation: String = row.try_get(4).map_err(err)?;
         let columns_moved: bool = row.try_get(5).map_err(err)?;
+        let installed_because: Option<String> = row.try_get(6).map_err(err)?;
         let current = installed.as_deref() == Some(fingerprint.as_str());
         // A registry row made before layout 2 has no record of its triggers
         // or shape: it is judged by the triggers its layout had, and its
@@ -110,9 +113,10 @@ pub(crate) async fn ensure_tracking(
                 record_shape(&tx, &tref, legacy).await.map_err(err)?;
             }
             tx.commit().await.map_err(err)?;
-            return Ok(TrackingState { newly_enabled: false, generation: Some(generation) });
+            return Ok(TrackingState { newly_enabled: false, generation: Some(generation), installed_because });
         }
         let why = damage.unwrap_or_else(|| "a trigger is missing or disabled, or the key changed".into());
+        reinstalled_because = Some(why.clone());
         tracing::warn!(table = %shown, reason = %why, "change tracking was damaged; reinstalling, the table reloads");
         for statement in drop_sql(tref.oid, Some(&tref)) {
             tx.batch_execute(&statement).await.map_err(err)?;
@@ -152,18 +156,18 @@ pub(crate) async fn ensure_tracking(
         .query_one(
             "INSERT INTO ctmirror_ct.tracked
                     (table_oid, schema_name, table_name, side_table, enabled_version, min_valid_version,
-                     capture_fingerprint)
-             SELECT $1, $2, $3, $4, v, v, $5
+                     capture_fingerprint, installed_because)
+             SELECT $1, $2, $3, $4, v, v, $5, $6
                FROM (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint - 1 AS v) AS x
              RETURNING generation::text",
-            &[&tref.oid, &tref.schema, &tref.name, &side_table_name(tref.oid), &fingerprint],
+            &[&tref.oid, &tref.schema, &tref.name, &side_table_name(tref.oid), &fingerprint, &reinstalled_because],
         )
         .await
         .map_err(err)?;
     let generation: String = row.try_get(0).map_err(err)?;
     record_shape(&tx, &tref, true).await.map_err(err)?;
     tx.commit().await.map_err(err)?;
-    Ok(TrackingState { newly_enabled: true, generation: Some(generation) })
+    Ok(TrackingState { newly_enabled: true, generation: Some(generation), installed_because: reinstalled_because })
 }
 
 /// Records the triggers the capture installed (on the table and every
@@ -179,7 +183,7 @@ async fn record_shape(tx: &Transaction<'_>, table: &TableRef, storage: bool) -> 
                                        'rel', g.tgrelid, 'name', g.tgname::text, 'enabled', g.tgenabled::text)
                                        ORDER BY g.tgrelid, g.tgname), '[]'::jsonb)
                               FROM pg_catalog.pg_trigger g
-                             WHERE g.tgrelid IN (SELECT p.relid FROM pg_catalog.pg_partition_tree($1) AS p)
+                             WHERE (g.tgrelid = $1 OR g.tgrelid IN (SELECT p.relid FROM pg_catalog.pg_partition_tree($1::oid) AS p))
                                AND g.tgname::text = ANY($2::text[])),
                 columns = ctmirror_ct.columns_of($1),
                 storage = CASE WHEN $3 THEN ctmirror_ct.storage_of($1) ELSE storage END
@@ -188,6 +192,29 @@ async fn record_shape(tx: &Transaction<'_>, table: &TableRef, storage: bool) -> 
     )
     .await?;
     Ok(())
+}
+
+/// A partition is tracked through its partitioned table: the capture puts
+/// the same triggers on every partition, and a second capture on one of
+/// them would collide with them.
+async fn refuse_partition(tx: &Transaction<'_>, table: &TableRef) -> Result<(), SourceError> {
+    let parent: Option<String> = tx
+        .query_one(
+            "SELECT (SELECT i.inhparent::regclass::text FROM pg_catalog.pg_inherits i WHERE i.inhrelid = c.oid)
+               FROM pg_catalog.pg_class c WHERE c.oid = $1 AND c.relispartition",
+            &[&table.oid],
+        )
+        .await
+        .ok()
+        .and_then(|r| r.try_get(0).ok())
+        .flatten();
+    match parent {
+        Some(parent) => Err(SourceError::config(format!(
+            "table {} is a partition of {parent}; map {parent} instead (its partitions are tracked with it)",
+            table.display()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Every member of a partitioned table's tree below it; empty for a plain
@@ -203,7 +230,7 @@ pub(crate) async fn partition_members<C: GenericClient + Sync>(
     let rows = client
         .query(
             "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text
-               FROM pg_catalog.pg_partition_tree($1) AS p
+               FROM pg_catalog.pg_partition_tree($1::oid) AS p
                JOIN pg_catalog.pg_class c ON c.oid = p.relid
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
               WHERE p.level > 0
@@ -240,7 +267,11 @@ pub(crate) async fn partition_members<C: GenericClient + Sync>(
 /// its columns are as recorded. Answers its generation; anything else (or
 /// any error) answers `None` and the full check under the lock decides
 /// (and upgrades or reinstalls).
-async fn tracked_and_healthy(client: &Client, stmts: &Statements, table: &SourceTable) -> Option<String> {
+async fn tracked_and_healthy(
+    client: &Client,
+    stmts: &Statements,
+    table: &SourceTable,
+) -> Option<(String, Option<String>)> {
     let tref = find_table(client, stmts, table).await.ok()?;
     let key = primary_key(client, stmts, &tref).await.ok()?;
     if key.is_empty() {
@@ -249,7 +280,7 @@ async fn tracked_and_healthy(client: &Client, stmts: &Statements, table: &Source
     let deferrable = primary_key_is_deferrable(client, stmts, &tref).await.ok()?;
     let capture = Capture { table: &tref, key: &key, deferrable, partitions: &[] };
     const SQL: &str = "
-        SELECT r.generation::text,
+        SELECT r.generation::text, r.installed_because,
                (r.schema_name, r.table_name) = ($2::text, $3::text)
                AND r.capture_fingerprint = $4
                AND ctmirror_ct.damage(r.table_oid) IS NULL
@@ -260,9 +291,9 @@ async fn tracked_and_healthy(client: &Client, stmts: &Statements, table: &Source
     let statement = stmts.get(client, SQL).await.ok()?;
     let schema = schema_of(table);
     let row = client.query_opt(&statement, &[&tref.oid, &schema, &table.name, &fingerprint]).await.ok()??;
-    let healthy: Option<bool> = row.try_get(1).ok()?;
+    let healthy: Option<bool> = row.try_get(2).ok()?;
     match healthy {
-        Some(true) => row.try_get(0).ok(),
+        Some(true) => Some((row.try_get(0).ok()?, row.try_get(1).ok()?)),
         _ => None,
     }
 }

@@ -444,12 +444,22 @@ mod tests {
         sql.iter().filter(|s| s.starts_with("CREATE TRIGGER")).collect()
     }
 
+    /// The CREATE TRIGGER statements and the state each is enabled in.
+    fn states(sql: &[String]) -> Vec<(String, &'static str)> {
+        let mut out = Vec::new();
+        for s in sql.iter().filter(|s| s.starts_with("ALTER TABLE")) {
+            let state = if s.contains(" ENABLE ALWAYS TRIGGER ") { "A" } else if s.contains(" ENABLE REPLICA TRIGGER ") { "R" } else { "?" };
+            out.push((s.rsplit(' ').next().unwrap().trim_matches('"').to_owned(), state));
+        }
+        out
+    }
+
     #[test]
     fn plain_tables_capture_updates_from_new_rows_and_key_changes_by_row() {
         let (t, k) = table(false);
-        let sql = Capture { table: &t, key: &k, deferrable: false }.install_sql();
+        let sql = Capture { table: &t, key: &k, deferrable: false, partitions: &[] }.install_sql();
         let triggers = triggers_of(&sql);
-        assert_eq!(triggers.len(), 5);
+        assert_eq!(triggers.len(), 9);
         let update = triggers.iter().find(|s| s.contains("\"ctmirror_ct_update\"")).unwrap();
         assert!(update.contains(" REFERENCING NEW TABLE AS ctmirror_new FOR EACH STATEMENT"), "{update}");
         let key = triggers.iter().find(|s| s.contains("\"ctmirror_ct_update_key\"")).unwrap();
@@ -460,38 +470,58 @@ mod tests {
             ),
             "{key}"
         );
-        let others = triggers.iter().filter(|s| !s.contains("\"ctmirror_ct_update_key\""));
-        assert!(others.into_iter().all(|s| s.contains("FOR EACH STATEMENT")));
+        let row_level = ["ctmirror_ct_update_key", "ctmirror_ct_replica_insert", "ctmirror_ct_replica_update", "ctmirror_ct_replica_delete"];
+        for s in &triggers {
+            let is_row = row_level.iter().any(|n| s.contains(&format!("\"{n}\"")));
+            assert_eq!(s.contains("FOR EACH ROW"), is_row, "{s}");
+        }
         assert!(!sql.iter().any(|s| s.contains("EXCEPT") || s.contains("SELECT DISTINCT")));
+        // Origin and replica writers alike; the apply worker (row triggers
+        // only) through the replica ones.
+        let states = states(&sql);
+        assert_eq!(states.iter().filter(|(_, s)| *s == "A").count(), 6, "{states:?}");
+        assert!(states.iter().filter(|(n, _)| n.starts_with("ctmirror_ct_replica_")).all(|(_, s)| *s == "R"), "{states:?}");
     }
 
     #[test]
-    fn partitioned_tables_capture_key_changes_from_both_transition_tables() {
+    fn partitioned_tables_capture_key_changes_from_both_transition_tables_on_every_partition() {
         let (t, k) = table(true);
-        let capture = Capture { table: &t, key: &k, deferrable: false };
+        let part = |oid, name: &str| TableRef { oid, schema: "my schema".into(), name: name.into(), partitioned: false };
+        let partitions = [part(43, "p1"), part(44, "p2")];
+        let capture = Capture { table: &t, key: &k, deferrable: false, partitions: &partitions };
         let sql = capture.install_sql();
         let triggers = triggers_of(&sql);
-        assert_eq!(triggers.len(), 4);
-        assert!(triggers.iter().all(|s| s.contains("FOR EACH STATEMENT")));
-        assert!(triggers[1].contains("REFERENCING OLD TABLE AS ctmirror_old NEW TABLE AS ctmirror_new"));
-        let update = sql.iter().find(|s| s.contains("capture_42_update\"()") && s.starts_with("CREATE OR")).unwrap();
-        assert_eq!(update.matches("INSERT INTO").count(), 1, "{update}");
-        assert!(update.contains("EXCEPT"), "{update}");
-        assert_eq!(capture.triggers(), Trigger::FIRST_GENERATION.to_vec());
+        assert_eq!(triggers.len(), 9 + 2 * 5);
+        let update = triggers.iter().find(|s| s.contains("\"ctmirror_ct_update\"")).unwrap();
+        assert!(update.contains("REFERENCING OLD TABLE AS ctmirror_old NEW TABLE AS ctmirror_new"), "{update}");
+        let function = sql.iter().find(|s| s.contains("capture_42_update\"()") && s.starts_with("CREATE OR")).unwrap();
+        assert_eq!(function.matches("INSERT INTO").count(), 1, "{function}");
+        assert!(function.contains("EXCEPT"), "{function}");
+        // Statement triggers on each partition feed the parent's side table
+        // through the parent's functions; row triggers are cloned by the
+        // server, so none is created on a partition.
+        for p in ["p1", "p2"] {
+            let on: Vec<&&String> = triggers.iter().filter(|s| s.contains(&format!(".\"{p}\" "))).collect();
+            assert_eq!(on.len(), 5, "{on:?}");
+            assert!(on.iter().all(|s| s.contains("FOR EACH STATEMENT") && s.contains("capture_42_")), "{on:?}");
+        }
+        let key = states(&sql).into_iter().find(|(n, _)| n == "ctmirror_ct_update_key").unwrap();
+        assert_eq!(key.1, "R", "the statement trigger sees key changes of origin writers");
     }
 
     #[test]
     fn deferrable_keys_are_deduplicated() {
         let (t, k) = table(false);
-        let sql = Capture { table: &t, key: &k, deferrable: true }.install_sql();
+        let sql = Capture { table: &t, key: &k, deferrable: true, partitions: &[] }.install_sql();
         let functions: Vec<&String> = sql.iter().filter(|s| s.starts_with("CREATE OR REPLACE FUNCTION")).collect();
         assert_eq!(functions.iter().filter(|f| f.contains("SELECT DISTINCT")).count(), 4);
+        assert_eq!(functions.len(), 9);
     }
 
     #[test]
     fn side_table_copies_key_collation_and_quotes_names() {
         let (t, k) = table(false);
-        let sql = Capture { table: &t, key: &k, deferrable: false }.install_sql();
+        let sql = Capture { table: &t, key: &k, deferrable: false, partitions: &[] }.install_sql();
         assert!(sql[0].starts_with("CREATE TABLE \"ctmirror_ct\".\"changes_42\" (\"select\" text COLLATE \"pg_catalog\".\"default\" NOT NULL"));
         assert!(sql.iter().any(|s| s.contains("ON \"my schema\".\"Order \"\"Lines\"\"\"")));
     }
@@ -499,8 +529,10 @@ mod tests {
     #[test]
     fn capture_functions_are_security_definer_and_name_nothing_a_search_path_could_redirect() {
         let (t, k) = table(true);
-        let sql = Capture { table: &t, key: &k, deferrable: true }.install_sql();
-        for f in sql.iter().filter(|s| s.starts_with("CREATE OR REPLACE FUNCTION")) {
+        let sql = Capture { table: &t, key: &k, deferrable: true, partitions: &[] }.install_sql();
+        // The one that records a TRUNCATE's new filenode runs once per
+        // TRUNCATE and has a fixed search path instead.
+        for f in sql.iter().filter(|s| s.starts_with("CREATE OR REPLACE FUNCTION") && !s.contains("_truncated\"()")) {
             assert!(f.contains("LANGUAGE plpgsql SECURITY DEFINER AS"), "{f}");
             assert!(f.contains("INSERT INTO \"ctmirror_ct\".\"changes_42\" AS s"), "{f}");
             assert!(f.contains("pg_catalog.txid_current()"), "{f}");
@@ -511,7 +543,7 @@ mod tests {
     #[test]
     fn truncate_names_the_table_at_run_time_with_quotes_and_percents_escaped() {
         let (t, k) = table(false);
-        let sql = Capture { table: &t, key: &k, deferrable: false }.install_sql();
+        let sql = Capture { table: &t, key: &k, deferrable: false, partitions: &[] }.install_sql();
         let f = sql.iter().find(|s| s.contains("capture_42_truncate\"()") && s.starts_with("CREATE OR")).unwrap();
         assert!(f.contains("EXECUTE pg_catalog.format('INSERT INTO"), "{f}");
         assert!(f.contains("FROM %I.%I AS t) AS c"), "{f}");
@@ -524,20 +556,20 @@ mod tests {
     fn fingerprint_ignores_the_table_name_but_not_the_layout() {
         let (t, k) = table(false);
         let renamed = TableRef { name: "renamed".into(), ..t.clone() };
-        let plain = Capture { table: &t, key: &k, deferrable: false }.fingerprint();
-        assert_eq!(plain, Capture { table: &renamed, key: &k, deferrable: false }.fingerprint());
-        assert_ne!(plain, Capture { table: &t, key: &k, deferrable: true }.fingerprint());
+        let plain = Capture { table: &t, key: &k, deferrable: false, partitions: &[] }.fingerprint();
+        assert_eq!(plain, Capture { table: &renamed, key: &k, deferrable: false, partitions: &[] }.fingerprint());
+        assert_ne!(plain, Capture { table: &t, key: &k, deferrable: true, partitions: &[] }.fingerprint());
         let partitioned = TableRef { partitioned: true, ..t.clone() };
-        assert_ne!(plain, Capture { table: &partitioned, key: &k, deferrable: false }.fingerprint());
-        assert_ne!(plain, Capture { table: &t, key: &k[..1], deferrable: false }.fingerprint());
+        assert_ne!(plain, Capture { table: &partitioned, key: &k, deferrable: false, partitions: &[] }.fingerprint());
+        assert_ne!(plain, Capture { table: &t, key: &k[..1], deferrable: false, partitions: &[] }.fingerprint());
     }
 
     #[test]
     fn upgrade_drops_every_layouts_triggers_and_keeps_the_side_table() {
         let (t, k) = table(false);
-        let sql = Capture { table: &t, key: &k, deferrable: false }.upgrade_sql();
-        assert_eq!(sql.iter().filter(|s| s.starts_with("DROP TRIGGER IF EXISTS")).count(), 5);
+        let sql = Capture { table: &t, key: &k, deferrable: false, partitions: &[] }.upgrade_sql();
+        assert_eq!(sql.iter().filter(|s| s.starts_with("DROP TRIGGER IF EXISTS")).count(), 9);
         assert!(!sql.iter().any(|s| s.contains("TABLE \"ctmirror_ct\"")));
-        assert_eq!(triggers_of(&sql).len(), 5);
+        assert_eq!(triggers_of(&sql).len(), 9);
     }
 }
