@@ -121,6 +121,24 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Turn change tracking off for one source table of a tenant now,
+    /// removing the triggers and side table ctmirror installed, whichever
+    /// applications map it. Use it before DDL PostgreSQL refuses on a
+    /// tracked table (changing a primary-key column's type); the next cycle
+    /// of an application that maps the table tracks it again and reloads it.
+    Untrack {
+        /// Configuration file with an [agent] section.
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: TenantId,
+        /// The source table's schema (the source's default schema when left out).
+        #[arg(long)]
+        schema: Option<String>,
+        /// The source table's name.
+        #[arg(long)]
+        table: String,
+    },
     /// Compare a PostgreSQL tenant's mapped tables with their mirror: row
     /// counts and checksums. Exits 0 only when every table is equal.
     Verify {
@@ -204,6 +222,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             Ok(if report.succeeded() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Verify { pair, mirror_url } => verify(pair, mirror_url).await,
+        Command::Untrack { config, tenant, schema, table } => untrack(config, tenant, schema, table).await,
         Command::Agent { config, once } => run_agent(config, once).await,
         Command::Resync { config, tenant, app, table, now } => {
             let cfg = load_agent(&config)?;
@@ -278,6 +297,34 @@ async fn run_agent(config: PathBuf, once: bool) -> Result<ExitCode, String> {
     let summary = service.run(mode, shutdown_signal()).await.map_err(|e| e.to_string())?;
     if once {
         out!("{} cycles, {} failed", summary.cycles, summary.failed);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn untrack(config: PathBuf, tenant: TenantId, schema: Option<String>, table: String) -> Result<ExitCode, String> {
+    use ctmirror::source::{Source, SourceTable};
+    let cfg = load_agent(&config)?;
+    let t = cfg.tenant(&tenant).ok_or(format!("tenant {tenant} is not configured"))?;
+    let url = t.url.resolve().map_err(|e| e.to_string())?;
+    let table = SourceTable { schema, name: table };
+    let retention = std::time::Duration::from_secs(u64::from(cfg.change_retention_hours) * 3600);
+    let removed = match t.source {
+        SourceKind::Postgres => {
+            let mut source =
+                ctmirror::source::postgres::PostgresSource::connect(&url, retention).await.map_err(|e| e.to_string())?;
+            source.untrack(&table).await
+        }
+        SourceKind::Sqlserver => {
+            let mut source =
+                ctmirror::source::mssql::SqlServerSource::connect(&url, retention).await.map_err(|e| e.to_string())?;
+            source.untrack(&table).await
+        }
+    }
+    .map_err(|e| e.to_string())?;
+    if removed {
+        out!("untracked {table} of tenant {tenant}; an application that maps it tracks it again and reloads it");
+    } else {
+        out!("{table} of tenant {tenant} was not tracked; nothing to do");
     }
     Ok(ExitCode::SUCCESS)
 }

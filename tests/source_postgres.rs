@@ -1241,3 +1241,317 @@ async fn truncate_of_a_renamed_table_is_captured_without_reinstalling() {
         vec![(Version(v), RowOp::Delete), (Version(v), RowOp::Delete)]
     );
 }
+
+// ------------------------------------------ changes the read can no longer see
+
+/// A source whose retention is `retention` and whose registry holds no
+/// longer request: retention is the longest any agent asked for.
+async fn eager_source(db: &TestDb, client: &Client, retention: Duration) -> PostgresSource {
+    client.batch_execute("DELETE FROM ctmirror_ct.retention_requests").await.unwrap();
+    PostgresSource::connect(&db.url, retention).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_retention_cleanup_between_two_change_reads_expires_the_second_read() {
+    let (db, mut client, mut source) = setup("expire_midread", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let schema = track(&mut source, &table("t"), &["id"]).await;
+    let from = source.min_valid_version(&table("t")).await.unwrap();
+    for i in 0..4 {
+        write(&mut client, &format!("INSERT INTO t VALUES ({i})")).await;
+    }
+    let upper = settle(&mut source, &client).await;
+    let limits = ChunkLimits { max_rows: 1, max_bytes: 1 << 20 };
+    let first = source.changes_copy(&schema, &ChangePosition { version: from, after_key: None }, upper, limits).await.unwrap();
+    let next = ChangePosition { version: first.last_version.unwrap(), after_key: first.last_key.clone() };
+    // Another application's cycle cleans up everything up to now.
+    let mut other = eager_source(&db, &client, Duration::ZERO).await;
+    other.maintain().await.unwrap();
+    let e = source.changes_copy(&schema, &next, upper, limits).await.unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Expired, "{e}");
+    assert!(e.message.contains("public.t") && e.message.contains("removed by retention"), "{e}");
+    // The value reader checks the same way.
+    let e = source.changes_chunk(&schema, &next, upper, limits).await.unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Expired, "{e}");
+}
+
+#[tokio::test]
+async fn a_cursor_inside_the_version_at_the_retention_horizon_expires() {
+    let (db, mut client, mut source) = setup("expire_inside", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let schema = track(&mut source, &table("t"), &["id"]).await;
+    let from = source.min_valid_version(&table("t")).await.unwrap();
+    // One large transaction h, read over several chunks.
+    let h = write(&mut client, "INSERT INTO t SELECT generate_series(1, 10)").await;
+    let upper = settle(&mut source, &client).await;
+    let limits = ChunkLimits { max_rows: 3, max_bytes: 1 << 20 };
+    let first = source.changes_copy(&schema, &ChangePosition { version: from, after_key: None }, upper, limits).await.unwrap();
+    assert_eq!(first.last_version, Some(Version(h)));
+    let inside = ChangePosition { version: Version(h), after_key: first.last_key.clone() };
+    // The horizon lands exactly on h: the cleanup deletes version <= h.
+    client.batch_execute("DELETE FROM ctmirror_ct.retention_requests").await.unwrap();
+    client
+        .batch_execute(&format!(
+            "DELETE FROM ctmirror_ct.version_clock;
+             INSERT INTO ctmirror_ct.version_clock VALUES ({h}, now() - interval '2 hours')"
+        ))
+        .await
+        .unwrap();
+    PostgresSource::connect(&db.url, HOUR).await.unwrap().maintain().await.unwrap();
+    assert_eq!(source.min_valid_version(&table("t")).await.unwrap(), Version(h));
+    let e = source.changes_copy(&schema, &inside, upper, limits).await.unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Expired, "the rest of version {h} is gone: {e}");
+    // A cursor that ends version h needs nothing the cleanup removed.
+    let after_h = ChangePosition { version: Version(h), after_key: None };
+    assert!(source.changes_copy(&schema, &after_h, upper, limits).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_read_of_a_table_whose_tracking_was_reinstalled_meanwhile_is_refused() {
+    let (db, mut client, mut source) = setup("reinstalled_midread", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let schema = track(&mut source, &table("t"), &["id"]).await;
+    let from = source.min_valid_version(&table("t")).await.unwrap();
+    write(&mut client, "INSERT INTO t VALUES (1)").await;
+    // Another application's cycle finds the capture damaged and reinstalls
+    // it: a new, empty side table.
+    client.batch_execute("ALTER TABLE t DISABLE TRIGGER ctmirror_ct_insert").await.unwrap();
+    let mut other = PostgresSource::connect(&db.url, HOUR).await.unwrap();
+    assert!(other.ensure_tracking(&table("t")).await.unwrap().newly_enabled);
+    let upper = settle(&mut source, &client).await;
+    let e = source.changes_copy(&schema, &ChangePosition { version: from, after_key: None }, upper, WIDE_OPEN).await.unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Expired, "{e}");
+    assert!(e.message.contains("reinstalled"), "{e}");
+    // So does the survey: it does not call the table idle.
+    let survey = source.survey(&[(table("t"), Some(from))], upper).await.unwrap();
+    assert!(survey[0].may_have_changes && survey[0].min_valid.is_none(), "{survey:?}");
+}
+
+#[tokio::test]
+async fn the_longest_retention_any_agent_asked_for_is_kept() {
+    let (db, mut client, mut source) = setup("longest_retention", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let schema = track(&mut source, &table("t"), &["id"]).await;
+    let from = source.min_valid_version(&table("t")).await.unwrap();
+    write(&mut client, "INSERT INTO t VALUES (1)").await;
+    settle(&mut source, &client).await;
+    // This agent keeps an hour; another one asks for nothing at all.
+    source.maintain().await.unwrap();
+    let mut short = PostgresSource::connect(&db.url, Duration::ZERO).await.unwrap();
+    short.maintain().await.unwrap();
+    assert_eq!(source.min_valid_version(&table("t")).await.unwrap(), from, "the hour asked for is kept");
+    assert_eq!(drain_changes(&mut source, &client, &schema, from, 10).await.len(), 1);
+    let requests: Vec<i64> = client
+        .query("SELECT retention_secs FROM ctmirror_ct.retention_requests ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(requests, vec![0, 3600]);
+}
+
+// ------------------------------------------------------------ partitions
+
+async fn changed_keys(source: &mut PostgresSource, client: &Client, schema: &SourceSchema, from: Version) -> Vec<(Vec<Value>, bool)> {
+    let mut out: Vec<(Vec<Value>, bool)> = drain_changes(source, client, schema, from, 1000)
+        .await
+        .into_iter()
+        .map(|c| (c.key.0, matches!(c.op, RowOp::Upsert(_))))
+        .collect();
+    out.sort_by_key(|(k, _)| format!("{k:?}"));
+    out
+}
+
+#[tokio::test]
+async fn writes_addressed_to_a_partition_are_captured() {
+    let ddl = "CREATE TABLE p (id int, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+               CREATE TABLE p_eu PARTITION OF p FOR VALUES IN ('eu');
+               CREATE TABLE p_us PARTITION OF p FOR VALUES IN ('us') PARTITION BY RANGE (id);
+               CREATE TABLE p_us_low PARTITION OF p_us FOR VALUES FROM (0) TO (100);
+               INSERT INTO p VALUES (1, 'eu', 'a'), (2, 'eu', 'b'), (3, 'us', 'c'), (4, 'us', 'd');";
+    let (_db, mut client, mut source) = setup("partition_writes", ddl).await;
+    let schema = track(&mut source, &table("p"), &["id", "region", "v"]).await;
+    let from = source.min_valid_version(&table("p")).await.unwrap();
+    write(&mut client, "INSERT INTO p_eu VALUES (5, 'eu', 'e')").await;
+    write(&mut client, "UPDATE p_eu SET v = 'b2' WHERE id = 2").await;
+    write(&mut client, "UPDATE p_eu SET id = 10 WHERE id = 1").await;
+    write(&mut client, "DELETE FROM p_us_low WHERE id = 4").await;
+    write(&mut client, "INSERT INTO p_us VALUES (6, 'us', 'f')").await;
+    write(&mut client, "TRUNCATE p_us_low").await;
+    let eu = |i| vec![int(i), text("eu")];
+    let us = |i| vec![int(i), text("us")];
+    assert_eq!(
+        changed_keys(&mut source, &client, &schema, from).await,
+        {
+            let mut want = vec![
+                (eu(1), false),
+                (eu(10), true),
+                (eu(2), true),
+                (us(3), false),
+                (us(4), false),
+                (eu(5), true),
+                (us(6), false),
+            ];
+            want.sort_by_key(|(k, _)| format!("{k:?}"));
+            want
+        }
+    );
+    // Nothing about this was damage: no reinstall.
+    assert!(!source.ensure_tracking(&table("p")).await.unwrap().newly_enabled);
+}
+
+#[tokio::test]
+async fn attaching_detaching_or_dropping_a_partition_reinstalls_tracking() {
+    let ddl = "CREATE TABLE p (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+               CREATE TABLE p_eu PARTITION OF p FOR VALUES IN ('eu');
+               CREATE TABLE p_us PARTITION OF p FOR VALUES IN ('us');
+               CREATE TABLE p_ap (id int, region text, PRIMARY KEY (id, region));
+               INSERT INTO p_ap VALUES (7, 'ap');";
+    let (_db, client, mut source) = setup("partition_ddl", ddl).await;
+    let first = source.ensure_tracking(&table("p")).await.unwrap();
+    for (ddl, what) in [
+        ("ALTER TABLE p ATTACH PARTITION p_ap FOR VALUES IN ('ap')", "attach"),
+        ("ALTER TABLE p DETACH PARTITION p_us", "detach"),
+        ("DROP TABLE p_eu", "drop"),
+    ] {
+        let before = source.ensure_tracking(&table("p")).await.unwrap();
+        client.batch_execute(ddl).await.unwrap();
+        let after = source.ensure_tracking(&table("p")).await.unwrap();
+        assert!(after.newly_enabled, "{what}: {after:?}");
+        assert_ne!(after.generation, before.generation, "{what}");
+        assert!(after.installed_because.as_deref().unwrap_or("").contains("partition"), "{what}: {after:?}");
+    }
+    assert_ne!(first.generation, source.ensure_tracking(&table("p")).await.unwrap().generation);
+    // The detached table no longer feeds the parent's changes.
+    let ours: i64 = client
+        .query_one("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'p_us'::regclass AND tgname LIKE 'ctmirror_ct%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ours, 0);
+}
+
+#[tokio::test]
+async fn a_partition_cannot_be_tracked_on_its_own() {
+    let ddl = "CREATE TABLE p (id int PRIMARY KEY) PARTITION BY RANGE (id);
+               CREATE TABLE p_low PARTITION OF p FOR VALUES FROM (0) TO (10);";
+    let (_db, client, mut source) = setup("partition_alone", ddl).await;
+    let e = source.ensure_tracking(&table("p_low")).await.unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Config);
+    assert!(e.message.contains("p_low is a partition of public.p") && e.message.contains("map public.p instead"), "{e}");
+    let installed: i64 = client
+        .query_one("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'ctmirror_ct%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(installed, 0);
+}
+
+// ------------------------------------------------ triggers reset, replica writers
+
+#[tokio::test]
+async fn enable_trigger_all_is_damage_and_replica_writes_are_captured_after_the_repair() {
+    let (_db, mut client, mut source) = setup("enable_all", "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let schema = track(&mut source, &table("t"), &["id", "v"]).await;
+    // A bulk load with the usual DISABLE / ENABLE TRIGGER ALL around it
+    // resets every trigger to fire for origin writers only.
+    client
+        .batch_execute("ALTER TABLE t DISABLE TRIGGER ALL; INSERT INTO t VALUES (1, 'bulk'); ALTER TABLE t ENABLE TRIGGER ALL;")
+        .await
+        .unwrap();
+    let repaired = source.ensure_tracking(&table("t")).await.unwrap();
+    assert!(repaired.newly_enabled, "{repaired:?}");
+    assert!(repaired.installed_because.as_deref().unwrap_or("").contains("no longer enabled as installed"), "{repaired:?}");
+    let from = source.min_valid_version(&table("t")).await.unwrap();
+    write(&mut client, "SET session_replication_role = replica; INSERT INTO t VALUES (2, 'replica'); UPDATE t SET v = 'r' WHERE id = 1").await;
+    let keys = changed_keys(&mut source, &client, &schema, from).await;
+    assert_eq!(keys, vec![(vec![int(1)], true), (vec![int(2)], true)]);
+}
+
+// --------------------------------------------------------- DDL on tracked tables
+
+async fn writes_work(client: &Client, sql: &str) -> Result<(), String> {
+    client.batch_execute(sql).await.map_err(|e| e.as_db_error().map(|d| d.message().to_owned()).unwrap_or(e.to_string()))
+}
+
+#[tokio::test]
+async fn renaming_a_key_column_breaks_no_write_after_one_maintenance_pass() {
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE unmapped (id int PRIMARY KEY, v text);";
+    let (_db, client, mut source) = setup("rename_key", ddl).await;
+    source.ensure_tracking(&table("t")).await.unwrap();
+    source.ensure_tracking(&table("unmapped")).await.unwrap();
+    client.batch_execute("ALTER TABLE t RENAME COLUMN id TO t_id; ALTER TABLE unmapped RENAME COLUMN id TO u_id").await.unwrap();
+    // The capture names the old column: PostgreSQL refuses the writes.
+    assert!(writes_work(&client, "INSERT INTO unmapped VALUES (1, 'x')").await.is_err());
+    // One maintenance pass repairs every tracked table, mapped or not.
+    source.maintain().await.unwrap();
+    for sql in [
+        "INSERT INTO t VALUES (1, 'a')",
+        "UPDATE t SET v = 'b'",
+        "UPDATE t SET t_id = 2",
+        "DELETE FROM t",
+        "TRUNCATE t",
+        "INSERT INTO unmapped VALUES (1, 'x')",
+        "UPDATE unmapped SET u_id = 3",
+    ] {
+        writes_work(&client, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let reinstalled = source.ensure_tracking(&table("t")).await.unwrap();
+    assert!(reinstalled.installed_because.as_deref().unwrap_or("").contains("primary key changed"), "{reinstalled:?}");
+}
+
+#[tokio::test]
+async fn a_table_no_application_maps_any_more_is_untracked() {
+    let ddl = "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY); CREATE TABLE c (id int PRIMARY KEY);";
+    let (_db, client, mut source) = setup("untrack_unmapped", ddl).await;
+    for t in ["a", "b", "c"] {
+        source.ensure_tracking(&table(t)).await.unwrap();
+    }
+    source.record_readers("app1", &[table("a"), table("b")]).await.unwrap();
+    source.record_readers("app2", &[table("b"), table("c")]).await.unwrap();
+    // app1 stops mapping a and b; b is still read by app2.
+    source.record_readers("app1", &[]).await.unwrap();
+    let tracked: Vec<String> = client
+        .query("SELECT table_name FROM ctmirror_ct.tracked ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(tracked, vec!["b", "c"]);
+    let triggers_on_a: i64 = client
+        .query_one("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'a'::regclass AND tgname LIKE 'ctmirror%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers_on_a, 0);
+    // On request, whoever reads it.
+    assert!(source.untrack(&table("c")).await.unwrap());
+    assert!(!source.untrack(&table("c")).await.unwrap());
+    // A table tracked long ago that no application has read since goes at
+    // the next maintenance pass.
+    client.batch_execute("UPDATE ctmirror_ct.tracked SET enabled_at = now() - interval '2 days'; UPDATE ctmirror_ct.readers SET last_read = now() - interval '2 days'").await.unwrap();
+    source.maintain().await.unwrap();
+    let left: i64 = client.query_one("SELECT count(*) FROM ctmirror_ct.tracked", &[]).await.unwrap().get(0);
+    assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn a_registry_row_whose_oid_names_another_table_is_forgotten() {
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE stranger (id int PRIMARY KEY);";
+    let (_db, client, mut source) = setup("oid_reused", ddl).await;
+    source.ensure_tracking(&table("t")).await.unwrap();
+    // What a restore into a fresh cluster (or oid wraparound) can leave: a
+    // registry row whose oid now belongs to a table that never carried our
+    // capture.
+    client
+        .batch_execute("DROP TABLE t; UPDATE ctmirror_ct.tracked SET table_oid = 'stranger'::regclass")
+        .await
+        .unwrap();
+    source.maintain().await.unwrap();
+    let left: i64 = client.query_one("SELECT count(*) FROM ctmirror_ct.tracked", &[]).await.unwrap().get(0);
+    assert_eq!(left, 0);
+    let triggers: i64 = client
+        .query_one("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'ctmirror%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 0, "the stranger gets no capture");
+}
