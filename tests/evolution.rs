@@ -604,3 +604,214 @@ async fn a_column_the_partner_dropped_triggers_a_reload_of_that_table() {
     assert_not_reloaded(&r, "note");
     p.assert_converged().await;
 }
+
+// ------------------------------------------------- DDL no trigger sees
+
+#[tokio::test]
+async fn a_dropped_and_re_added_last_column_reloads_the_table() {
+    let p = start("evo_readd", 200, Options::default()).await;
+    // `body` is note's last column: the schema hash does not change at all.
+    p.exec("ALTER TABLE note DROP COLUMN body; ALTER TABLE note ADD COLUMN body text DEFAULT 'fresh'").await;
+    let r = p.cycle().await;
+    assert!(r.succeeded(), "{r:#?}");
+    assert_reloaded(&r, "note", "dropped and re-added");
+    assert_not_reloaded(&r, "item");
+    p.assert_converged().await;
+}
+
+#[tokio::test]
+async fn a_renamed_enum_label_reloads_the_table() {
+    let setup = "CREATE TYPE mood AS ENUM ('happy', 'sad');
+                 CREATE TABLE item (id bigint PRIMARY KEY, name varchar(50) NOT NULL, qty integer, price numeric(10,2),
+                                    feeling mood);
+                 INSERT INTO item SELECT i, 'item ' || i, i, i, CASE WHEN i % 2 = 0 THEN 'sad' ELSE 'happy' END::mood
+                   FROM generate_series(1, 100) i;";
+    let toml = "application = \"crm_insights\"\n[[table]]\ntable = \"item\"\ncolumns = [\"id\", \"name\", \"feeling\"]\n";
+    let p = Pipeline::start_with("evo_enum", setup, toml, Options::default()).await;
+    assert!(p.cycle().await.succeeded());
+    p.exec("ALTER TYPE mood RENAME VALUE 'sad' TO 'glum'").await;
+    let r = p.cycle().await;
+    assert!(r.succeeded(), "{r:#?}");
+    assert_reloaded(&r, "item", "enum labels");
+    p.assert_converged().await;
+    let m = p.mirror().await;
+    assert_eq!(scalar::<i64>(&m, "SELECT count(*) FROM mirror_acme.item WHERE feeling = 'glum'").await, 50);
+}
+
+#[tokio::test]
+async fn a_renamed_enum_label_held_by_an_interrupted_load_reloads_the_table() {
+    let setup = "CREATE TYPE stage AS ENUM ('a', 'b', 'c', 'd');
+                 CREATE TABLE item (s stage, n int, v text, PRIMARY KEY (s, n));
+                 INSERT INTO item SELECT s, n, 'v' FROM unnest(enum_range(NULL::stage)) s, generate_series(1, 50) n;";
+    let toml = "application = \"crm_insights\"\n[[table]]\ntable = \"item\"\ncolumns = [\"s\", \"n\", \"v\"]\n";
+    let p = Pipeline::start_with("evo_enum_key", setup, toml, opts(40)).await;
+    // The first load stops after one batch: its cursor holds key ('a', 40).
+    let control = CycleControl::default();
+    let stop = control.stop.clone();
+    let progress: ProgressFn = Arc::new(move |_| stop.stop(StopReason::Blackout));
+    let control = CycleControl { progress: Some(progress), ..control };
+    p.wait_quiet().await;
+    let mut source = p.connect_source().await;
+    let r = run_controlled_cycle(&mut source, &p.client(), &p.map, TENANT, CycleSettings { limits: p.limits }, &control)
+        .await
+        .unwrap();
+    assert!(r.interrupted(), "{r:#?}");
+    assert!(matches!(p.mirror_cursor("item").await, Some(Cursor::Snapshot { after_key: Some(_), .. })));
+    // The label the cursor holds no longer exists.
+    p.exec("ALTER TYPE stage RENAME VALUE 'a' TO 'first'").await;
+    let r = p.cycle().await;
+    assert!(r.succeeded(), "{r:#?}");
+    assert!(table(&r, "item").reloaded, "{r:#?}");
+    p.assert_converged().await;
+}
+
+// ------------------------------------------------------------ partitions
+
+const PARTITIONED: &str = "
+    CREATE TABLE item (id bigint, region text, name text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+    CREATE TABLE item_eu PARTITION OF item FOR VALUES IN ('eu');
+    CREATE TABLE item_us PARTITION OF item FOR VALUES IN ('us');
+    CREATE TABLE item_ap (id bigint, region text, name text, PRIMARY KEY (id, region));
+    INSERT INTO item SELECT i, CASE WHEN i % 2 = 0 THEN 'eu' ELSE 'us' END, 'item ' || i FROM generate_series(1, 200) i;
+    INSERT INTO item_ap SELECT i, 'ap', 'waiting ' || i FROM generate_series(1, 30) i;";
+
+#[tokio::test]
+async fn partition_writes_and_partition_ddl_reach_the_mirror() {
+    let toml = "application = \"crm_insights\"\n[[table]]\ntable = \"item\"\ncolumns = [\"id\", \"region\", \"name\"]\n";
+    let p = Pipeline::start_with("evo_partitions", PARTITIONED, toml, opts(50)).await;
+    assert!(p.cycle().await.succeeded());
+    p.assert_converged().await;
+    // Writes that name a partition, as time-partitioned loaders do.
+    p.exec(
+        "INSERT INTO item_eu VALUES (1000, 'eu', 'direct');
+         UPDATE item_us SET name = 'direct update' WHERE id <= 21;
+         UPDATE item_eu SET id = id + 5000 WHERE id = 2;
+         DELETE FROM item_us WHERE id BETWEEN 31 AND 41;
+         TRUNCATE item_eu;
+         INSERT INTO item_eu VALUES (1001, 'eu', 'after the truncate');",
+    )
+    .await;
+    let r = p.cycle().await;
+    assert!(r.succeeded(), "{r:#?}");
+    assert_not_reloaded(&r, "item");
+    p.assert_converged().await;
+    // Rows that arrive or leave without any write: the table reloads.
+    for (ddl, what) in [
+        ("ALTER TABLE item ATTACH PARTITION item_ap FOR VALUES IN ('ap')", "attach"),
+        ("ALTER TABLE item DETACH PARTITION item_us", "detach"),
+        ("DROP TABLE item_eu", "drop"),
+    ] {
+        p.exec(ddl).await;
+        let r = p.cycle().await;
+        assert!(r.succeeded(), "{what}: {r:#?}");
+        assert_reloaded(&r, "item", "partition");
+        p.assert_converged().await;
+    }
+    // The attached partition's own writes are captured from now on.
+    p.exec("UPDATE item_ap SET name = 'attached' WHERE id <= 3").await;
+    let r = p.cycle().await;
+    assert_not_reloaded(&r, "item");
+    assert_eq!(table(&r, "item").counts.updated, 3);
+    p.assert_converged().await;
+}
+
+// ------------------------------------------------ tracking lifetimes
+
+#[tokio::test]
+async fn a_recreated_table_reloads_whichever_cycle_noticed_first_even_under_a_long_transaction() {
+    let p = start("lifetime", 200, Options::default()).await;
+    // A long writing transaction (any database of the server) holds the
+    // readable version back from here on.
+    let mut long = support::connect(&support::admin_url()).await;
+    let long_tx = long.transaction().await.unwrap();
+    long_tx.query_one("SELECT pg_current_xact_id()", &[]).await.unwrap();
+    p.exec("UPDATE item SET qty = 7 WHERE id = 1").await;
+    assert!(p.cycle_now().await.succeeded());
+    // The table is swapped for a new one under the same name.
+    p.exec(
+        "DROP TABLE item;
+         CREATE TABLE item (id bigint PRIMARY KEY, name varchar(50) NOT NULL, qty integer, price numeric(10,2), secret text);
+         INSERT INTO item SELECT i, 'new ' || i, 1, 1, 's' FROM generate_series(101, 150) i;",
+    )
+    .await;
+    // Another application's cycle (or this one's, failing right after)
+    // enables the new table's tracking and gets "newly enabled".
+    let mut other = p.connect_source().await;
+    assert!(other.ensure_tracking(&ctmirror::source::SourceTable { schema: None, name: "item".into() }).await.unwrap().newly_enabled);
+    let r = p.cycle_now().await;
+    assert!(r.succeeded(), "{r:#?}");
+    assert_reloaded(&r, "item", "reinstalled");
+    assert_not_reloaded(&r, "note");
+    p.assert_converged().await;
+    long_tx.rollback().await.unwrap();
+    let r = p.cycle().await;
+    assert_not_reloaded(&r, "item");
+    p.assert_converged().await;
+}
+
+// ------------------------------------------------ logical replication
+
+#[tokio::test]
+async fn rows_applied_by_a_logical_replication_subscription_reach_the_mirror() {
+    let admin = support::connect(&support::admin_url()).await;
+    let wal_level: String = admin.query_one("SHOW wal_level", &[]).await.unwrap().get(0);
+    assert_eq!(wal_level, "logical", "scripts/test starts the cluster with wal_level = logical");
+    let publisher = support::TestDb::create("subscription_pub").await;
+    let pubc = publisher.client().await;
+    let slot = format!("ctm_{}", publisher.name.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+    let slot = &slot[..slot.len().min(60)];
+    pubc.batch_execute(&format!(
+        "CREATE TABLE item (id bigint PRIMARY KEY, name varchar(50) NOT NULL, qty integer, price numeric(10,2), secret text);
+         INSERT INTO item SELECT i, 'pub ' || i, i, i, 's' FROM generate_series(1, 100) i;
+         CREATE PUBLICATION ctm_pub FOR TABLE item;"
+    ))
+    .await
+    .unwrap();
+    // Made here, not by CREATE SUBSCRIPTION: publisher and subscriber share
+    // a cluster, and creating the slot would wait for the subscriber's own
+    // transaction.
+    pubc.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await.unwrap();
+    let p = start("subscription", 0, Options::default()).await;
+    let port = support::admin_url().rsplit_once(':').unwrap().1.split('/').next().unwrap().to_owned();
+    p.exec(&format!(
+        "CREATE SUBSCRIPTION ctm_sub CONNECTION 'host=127.0.0.1 port={port} user=postgres dbname={}'
+           PUBLICATION ctm_pub WITH (create_slot = false, slot_name = '{slot}')",
+        publisher.name
+    ))
+    .await;
+    let src = p.source().await;
+    let digest = "SELECT coalesce(md5(string_agg(t::text, ',' ORDER BY id)), '') FROM item t";
+    let wait_applied = || async {
+        for _ in 0..600 {
+            let want: String = pubc.query_one(digest, &[]).await.unwrap().get(0);
+            let got: String = src.query_one(digest, &[]).await.unwrap().get(0);
+            if want == got {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the subscription did not catch up");
+    };
+    // The initial copy behaves like COPY (statement triggers fire).
+    wait_applied().await;
+    let r = p.cycle().await;
+    assert!(r.succeeded(), "{r:#?}");
+    p.assert_converged().await;
+    // What the apply worker writes fires row triggers only.
+    pubc.batch_execute(
+        "INSERT INTO item VALUES (500, 'new', 1, 1, 's');
+         UPDATE item SET name = 'updated' WHERE id <= 10;
+         UPDATE item SET id = id + 1000 WHERE id BETWEEN 11 AND 15;
+         DELETE FROM item WHERE id BETWEEN 20 AND 29;",
+    )
+    .await
+    .unwrap();
+    wait_applied().await;
+    let r = p.cycle().await;
+    assert!(r.succeeded(), "{r:#?}");
+    assert_not_reloaded(&r, "item");
+    p.assert_converged().await;
+    p.exec("ALTER SUBSCRIPTION ctm_sub DISABLE; ALTER SUBSCRIPTION ctm_sub SET (slot_name = NONE); DROP SUBSCRIPTION ctm_sub;")
+        .await;
+    pubc.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.unwrap();
+}
