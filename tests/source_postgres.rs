@@ -1398,34 +1398,42 @@ async fn writes_addressed_to_a_partition_are_captured() {
 }
 
 #[tokio::test]
-async fn attaching_detaching_or_dropping_a_partition_reinstalls_tracking() {
+async fn rows_an_attached_or_detached_partition_moves_are_changes_and_a_dropped_partition_reinstalls() {
     let ddl = "CREATE TABLE p (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
                CREATE TABLE p_eu PARTITION OF p FOR VALUES IN ('eu');
                CREATE TABLE p_us PARTITION OF p FOR VALUES IN ('us');
                CREATE TABLE p_ap (id int, region text, PRIMARY KEY (id, region));
+               INSERT INTO p VALUES (1, 'eu'), (2, 'us');
                INSERT INTO p_ap VALUES (7, 'ap');";
     let (_db, client, mut source) = setup("partition_ddl", ddl).await;
+    let schema = track(&mut source, &table("p"), &["id", "region"]).await;
     let first = source.ensure_tracking(&table("p")).await.unwrap();
-    for (ddl, what) in [
-        ("ALTER TABLE p ATTACH PARTITION p_ap FOR VALUES IN ('ap')", "attach"),
-        ("ALTER TABLE p DETACH PARTITION p_us", "detach"),
-        ("DROP TABLE p_eu", "drop"),
-    ] {
-        let before = source.ensure_tracking(&table("p")).await.unwrap();
-        client.batch_execute(ddl).await.unwrap();
-        let after = source.ensure_tracking(&table("p")).await.unwrap();
-        assert!(after.newly_enabled, "{what}: {after:?}");
-        assert_ne!(after.generation, before.generation, "{what}");
-        assert!(after.installed_because.as_deref().unwrap_or("").contains("partition"), "{what}: {after:?}");
-    }
-    assert_ne!(first.generation, source.ensure_tracking(&table("p")).await.unwrap().generation);
-    // The detached table no longer feeds the parent's changes.
-    let ours: i64 = client
+    let from = source.min_valid_version(&table("p")).await.unwrap();
+    // Rows arrive and leave without a write any trigger sees.
+    client.batch_execute("ALTER TABLE p ATTACH PARTITION p_ap FOR VALUES IN ('ap')").await.unwrap();
+    client.batch_execute("ALTER TABLE p DETACH PARTITION p_us").await.unwrap();
+    let adopted = source.ensure_tracking(&table("p")).await.unwrap();
+    assert!(!adopted.newly_enabled && adopted.generation == first.generation, "{adopted:?}");
+    assert_eq!(
+        changed_keys(&mut source, &client, &schema, from).await,
+        vec![(vec![int(2), text("us")], false), (vec![int(7), text("ap")], true)]
+    );
+    // The attached partition's own writes are captured; the detached one's
+    // no longer feed the table.
+    let from = settle(&mut source, &client).await;
+    client.batch_execute("INSERT INTO p_ap VALUES (8, 'ap'); INSERT INTO p_us VALUES (9, 'us')").await.unwrap();
+    assert_eq!(changed_keys(&mut source, &client, &schema, from).await, vec![(vec![int(8), text("ap")], true)]);
+    let on_detached: i64 = client
         .query_one("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'p_us'::regclass AND tgname LIKE 'ctmirror_ct%'", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(ours, 0);
+    assert_eq!(on_detached, 0);
+    // A dropped partition took rows nobody can list any more.
+    client.batch_execute("DROP TABLE p_eu").await.unwrap();
+    let after = source.ensure_tracking(&table("p")).await.unwrap();
+    assert!(after.newly_enabled && after.generation != first.generation, "{after:?}");
+    assert!(after.installed_because.as_deref().unwrap_or("").contains("partition of the table was dropped"), "{after:?}");
 }
 
 #[tokio::test]

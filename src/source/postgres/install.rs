@@ -103,8 +103,8 @@ CREATE TABLE IF NOT EXISTS ctmirror_ct.readers (
 -- TRUNCATE changes it too, and the capture records the new value itself.
 CREATE OR REPLACE FUNCTION ctmirror_ct.storage_of(rel oid) RETURNS jsonb
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $ctmirror$
-    SELECT jsonb_object_agg(m.relid::text, pg_relation_filenode(m.relid))
-      FROM (SELECT rel AS relid UNION SELECT p.relid FROM pg_partition_tree(rel) AS p) AS m
+    SELECT jsonb_object_agg(m.relid::oid::text, pg_relation_filenode(m.relid))
+      FROM (SELECT rel AS relid UNION SELECT p.relid::oid FROM pg_partition_tree(rel) AS p) AS m
 $ctmirror$;
 
 -- The columns of a table: attnum -> name and, for enum columns, the labels
@@ -141,8 +141,23 @@ BEGIN
     IF r.triggers IS NULL OR r.storage IS NULL OR r.columns IS NULL THEN
         RETURN 'installed by an older ctmirror';
     END IF;
-    IF ctmirror_ct.storage_of(rel) IS DISTINCT FROM r.storage THEN
-        RETURN 'the table was rewritten, or a partition was attached, detached or dropped';
+    -- A member that is gone took its rows along without a trigger seeing
+    -- them; one whose filenode changed was rewritten. A member attached
+    -- or detached is not damage: ensure_tracking adopts it (see
+    -- members_moved).
+    SELECT m.key INTO culprit
+      FROM jsonb_each(r.storage) AS m
+     WHERE NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = m.key::oid)
+     LIMIT 1;
+    IF culprit IS NOT NULL THEN
+        RETURN 'a partition of the table was dropped';
+    END IF;
+    SELECT m.key INTO culprit
+      FROM jsonb_each(r.storage) AS m
+      JOIN jsonb_each(ctmirror_ct.storage_of(rel)) AS c ON c.key = m.key AND c.value IS DISTINCT FROM m.value
+     LIMIT 1;
+    IF culprit IS NOT NULL THEN
+        RETURN 'the table was rewritten (' || culprit::oid::regclass::text || ' has new storage)';
     END IF;
     side := to_regclass('ctmirror_ct.' || quote_ident(r.side_table));
     IF side IS NULL THEN
@@ -153,6 +168,8 @@ BEGIN
      WHERE NOT EXISTS (SELECT FROM pg_trigger g
                         WHERE g.tgrelid = (t.value->>'rel')::oid AND g.tgname = t.value->>'name'
                           AND g.tgenabled::text = t.value->>'enabled')
+       -- A detached partition's triggers no longer matter (members_moved).
+       AND ctmirror_ct.storage_of(rel) ? (t.value->>'rel')
      LIMIT 1;
     IF culprit IS NOT NULL THEN
         RETURN 'trigger ' || culprit || ' is missing, disabled or no longer enabled as installed';
@@ -183,6 +200,14 @@ BEGIN
     END IF;
     RETURN NULL;
 END
+$ctmirror$;
+
+-- Whether partitions were attached to or detached from the table since its
+-- storage was recorded.
+CREATE OR REPLACE FUNCTION ctmirror_ct.members_moved(rel oid) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $ctmirror$
+    SELECT ARRAY(SELECT k FROM jsonb_object_keys((SELECT storage FROM ctmirror_ct.tracked WHERE table_oid = rel)) AS k ORDER BY k)
+           IS DISTINCT FROM ARRAY(SELECT k FROM jsonb_object_keys(ctmirror_ct.storage_of(rel)) AS k ORDER BY k)
 $ctmirror$;
 
 -- Called by every change read, in its own snapshot: raises instead of

@@ -92,6 +92,10 @@ pub(crate) async fn ensure_tracking(
             damage.is_none()
         };
         if healthy {
+            if !legacy && members_moved(&tx, tref.oid).await.map_err(err)? {
+                adopt_members(&tx, &capture).await.map_err(err)?;
+                tracing::info!(table = %shown, "partitions were attached or detached; their rows are recorded as changes");
+            }
             if !current || legacy {
                 for statement in capture.upgrade_sql() {
                     tx.batch_execute(&statement).await.map_err(err)?;
@@ -128,8 +132,11 @@ pub(crate) async fn ensure_tracking(
     // Our triggers on a table we do not know are leftovers: a restore from
     // a dump recreates the table (a new oid) with triggers that still feed
     // the old side table. They are replaced.
+    // The table first: dropping its row triggers drops their clones on the
+    // partitions too.
     for member in std::iter::once(&tref).chain(&partitions) {
-        for trigger in Trigger::ALL {
+        let ours = Trigger::ALL.into_iter().filter(|t| member.oid == tref.oid || t.on_partitions());
+        for trigger in ours {
             tx.batch_execute(&format!(
                 "DROP TRIGGER IF EXISTS {} ON {}",
                 quote_ident(&trigger.name()),
@@ -192,6 +199,81 @@ async fn record_shape(tx: &Transaction<'_>, table: &TableRef, storage: bool) -> 
     )
     .await?;
     Ok(())
+}
+
+async fn members_moved(tx: &Transaction<'_>, oid: u32) -> Result<bool, tokio_postgres::Error> {
+    tx.query_one("SELECT ctmirror_ct.members_moved($1)", &[&oid]).await?.try_get(0)
+}
+
+/// Partitions attached since the storage was recorded get the capture's
+/// statement triggers, and every row they brought along is recorded as
+/// changed; partitions detached since lose the triggers, and every row
+/// they took away is recorded as changed too (the reader then finds no
+/// live row and sends a delete). Creating the triggers locks out each
+/// member's writers until this transaction ends, so no write slips between
+/// the rows recorded and the triggers. A dropped partition cannot be
+/// listed any more: that is damage, and the table reloads instead.
+async fn adopt_members(tx: &Transaction<'_>, capture: &Capture<'_>) -> Result<(), tokio_postgres::Error> {
+    let root = capture.table.oid;
+    let stored: Vec<u32> = tx
+        .query(
+            "SELECT k::oid FROM pg_catalog.jsonb_object_keys(
+                 (SELECT storage FROM ctmirror_ct.tracked WHERE table_oid = $1)) AS k",
+            &[&root],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect::<Vec<u32>>();
+    // Only the statement triggers: the row triggers on a partition are the
+    // server's clones of the table's, attached and detached with it.
+    let statement_triggers: Vec<Trigger> = Trigger::ALL.into_iter().filter(|t| t.on_partitions()).collect();
+    for member in capture.partitions.iter().filter(|m| !stored.contains(&m.oid)) {
+        for &trigger in &statement_triggers {
+            tx.batch_execute(&format!("DROP TRIGGER IF EXISTS {} ON {}", quote_ident(&trigger.name()), member.sql_name()))
+                .await?;
+        }
+        for statement in capture.partition_sql(member) {
+            tx.batch_execute(&statement).await?;
+        }
+        if !member.partitioned {
+            tx.batch_execute(&capture.mark_sql(member, false)).await?;
+        }
+    }
+    for &oid in stored.iter().filter(|&&o| o != root && !capture.partitions.iter().any(|m| m.oid == o)) {
+        let row = tx
+            .query_one(
+                "SELECT n.nspname::text, c.relname::text, c.relkind::text
+                   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.oid = $1",
+                &[&oid],
+            )
+            .await?;
+        let relkind: String = row.get(2);
+        let detached = TableRef { oid, schema: row.get(0), name: row.get(1), partitioned: relkind == "p" };
+        for &trigger in &statement_triggers {
+            tx.batch_execute(&format!("DROP TRIGGER IF EXISTS {} ON {}", quote_ident(&trigger.name()), detached.sql_name()))
+                .await?;
+        }
+        if relkind == "r" {
+            tx.batch_execute(&capture.mark_sql(&detached, true)).await?;
+        }
+    }
+    // Members kept keep their recorded filenodes (a rewrite must stay
+    // visible); members attached are recorded as they are now.
+    tx.execute(
+        "UPDATE ctmirror_ct.tracked
+            SET storage = (SELECT coalesce(jsonb_object_agg(s.key, s.value), '{}'::jsonb)
+                             FROM jsonb_each(storage) AS s
+                            WHERE s.key::oid IN (SELECT $1::oid UNION SELECT p.relid::oid FROM pg_partition_tree($1::oid) AS p))
+                          || (SELECT coalesce(jsonb_object_agg(p.relid::oid::text, pg_relation_filenode(p.relid)), '{}'::jsonb)
+                                FROM pg_partition_tree($1::oid) AS p
+                               WHERE NOT storage ? p.relid::oid::text)
+          WHERE table_oid = $1",
+        &[&root],
+    )
+    .await?;
+    record_shape(tx, capture.table, false).await
 }
 
 /// A partition is tracked through its partitioned table: the capture puts
@@ -284,6 +366,7 @@ async fn tracked_and_healthy(
                (r.schema_name, r.table_name) = ($2::text, $3::text)
                AND r.capture_fingerprint = $4
                AND ctmirror_ct.damage(r.table_oid) IS NULL
+               AND NOT ctmirror_ct.members_moved(r.table_oid)
                AND r.columns = ctmirror_ct.columns_of(r.table_oid)
           FROM ctmirror_ct.tracked r
          WHERE r.table_oid = $1";

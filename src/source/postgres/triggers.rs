@@ -130,7 +130,7 @@ impl Trigger {
     /// table, so each member of a partition tree carries them too; row
     /// triggers on a partitioned table are cloned to its partitions by
     /// PostgreSQL itself.
-    fn on_partitions(self) -> bool {
+    pub(crate) fn on_partitions(self) -> bool {
         matches!(self, Trigger::Insert | Trigger::Update | Trigger::Delete | Trigger::Truncate | Trigger::Truncated)
     }
 }
@@ -179,11 +179,30 @@ impl Capture<'_> {
     fn all_capture_sql(&self) -> Vec<String> {
         let mut out = self.capture_sql(&self.table.sql_name());
         for member in self.partitions {
-            for trigger in self.triggers().into_iter().filter(|t| t.on_partitions()) {
-                out.extend(self.trigger_sql(trigger, &member.sql_name()));
-            }
+            out.extend(self.partition_sql(member));
         }
         out
+    }
+
+    /// The statement triggers of one member of the partition tree, feeding
+    /// the table's side table through the table's functions.
+    pub(crate) fn partition_sql(&self, member: &TableRef) -> Vec<String> {
+        let mut out = Vec::new();
+        for trigger in self.triggers().into_iter().filter(|t| t.on_partitions()) {
+            out.extend(self.trigger_sql(trigger, &member.sql_name()));
+        }
+        out
+    }
+
+    /// Records every key `member` holds now as changed by this transaction
+    /// (present, or gone when `deleted`): the rows a partition brought
+    /// along when it was attached, or took away when it was detached.
+    pub(crate) fn mark_sql(&self, member: &TableRef, deleted: bool) -> String {
+        let key = self.key_names();
+        self.upsert(
+            &format!("SELECT {} FROM {} AS t", column_list(Some("t"), &key), member.sql_name()),
+            if deleted { "true" } else { "false" },
+        )
     }
 
     /// Identifies the capture SQL this version of ctmirror installs for the
