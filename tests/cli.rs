@@ -61,6 +61,8 @@ fn garbage_flags_are_refused_with_usage_errors() {
         vec!["tls-selfsigned"],
         vec!["tls-selfsigned", "--dir"],
         vec!["tls-selfsigned", "--dir", "x", "--host"],
+        vec!["untrack", "--config", "x.toml", "--tenant", "acme"],
+        vec!["untrack", "--config", "x.toml", "--tenant", "Bad Tenant", "--table", "t"],
     ] {
         let o = run(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
@@ -330,4 +332,48 @@ tenants = ["acme"]
         assert!(!out.contains(password), "{args:?} printed a database password: {out}");
         assert!(!out.contains(&agent_key) && !out.contains(&partner_key), "{args:?} printed a private key: {out}");
     }
+}
+
+#[tokio::test]
+async fn untrack_removes_a_tables_capture_on_request() {
+    use ctmirror::source::{Source, SourceTable};
+    let source = TestDb::create("cli_untrack").await;
+    let client = source.client().await;
+    client.batch_execute("CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE kept (id int PRIMARY KEY)").await.unwrap();
+    let mut pg = ctmirror::source::postgres::PostgresSource::connect(&source.url, std::time::Duration::from_secs(3600))
+        .await
+        .unwrap();
+    for name in ["t", "kept"] {
+        pg.ensure_tracking(&SourceTable { schema: None, name: name.into() }).await.unwrap();
+    }
+    let dir = scratch("untrack");
+    for who in ["agent", "partner"] {
+        assert!(run(&["keygen", "--out", dir.join("keys").join(who).to_str().unwrap()]).status.success());
+    }
+    let cfg = write_config(&dir, free_port(), &source.url, "unused");
+    let cfg = cfg.to_str().unwrap();
+    let o = run(&["untrack", "--config", cfg, "--tenant", "acme", "--schema", "public", "--table", "t"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("untracked public.t of tenant acme"), "{}", text(&o));
+    let triggers = |table: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one("SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::text::regclass AND tgname LIKE 'ctmirror%'", &[&table])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(triggers("t").await, 0);
+    assert!(triggers("kept").await > 0, "only the table asked for");
+    let o = run(&["untrack", "--config", cfg, "--tenant", "acme", "--table", "t"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("was not tracked"), "{}", text(&o));
+    let o = run(&["untrack", "--config", cfg, "--tenant", "acme", "--table", "no_such_table"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("table public.no_such_table not found"), "{}", text(&o));
+    let o = run(&["untrack", "--config", cfg, "--tenant", "other", "--table", "t"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("tenant other is not configured"), "{}", text(&o));
 }

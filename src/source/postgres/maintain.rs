@@ -82,7 +82,12 @@ pub(crate) async fn maintain(client: &mut Client, stmts: &Statements, retention:
             (true, Some(table)) if damage.is_some() => repair(client, stmts, oid, &table, damage.as_deref().unwrap_or("")).await?,
             (true, _) => {
                 if let Some(h) = horizon {
-                    trim_table(client, oid, &side, &shown, h).await?;
+                    match trim_table(client, oid, &side, &shown, h).await {
+                        Err(e) if e.kind == SourceErrorKind::Transient => {
+                            tracing::warn!(table = %shown, error = %e, "retention cleanup of a table skipped this time");
+                        }
+                        other => other?,
+                    }
                 }
             }
         }
@@ -197,6 +202,10 @@ async fn trim_table(
     let doing = format!("removing expired changes of table {shown}");
     let err = |e| pg_error(e, &doing, GRANT);
     let tx = client.transaction().await.map_err(err)?;
+    // A tenant transaction that truncated the table holds its registry row
+    // (the capture records the new storage there) until it ends; the
+    // cleanup of this table waits for the next cycle rather than for it.
+    tx.batch_execute("SET LOCAL lock_timeout = '10s'").await.map_err(err)?;
     tx.execute(
         &format!("DELETE FROM {} WHERE {} <= $1", qualified(CT_SCHEMA, side), quote_ident(VERSION_COL)),
         &[&horizon],
