@@ -121,11 +121,6 @@ pub async fn run_controlled_cycle<S: Source>(
     let identity = source.identity().await?;
     let mapped: Vec<SourceTable> =
         map.tables.iter().map(|t| SourceTable { schema: t.schema.clone(), name: t.table.clone() }).collect();
-    // Every mapped table counts as read, also one that fails this cycle:
-    // only tables the map no longer names lose their tracking.
-    if let Err(e) = source.record_readers(map.application.as_str(), &mapped).await {
-        warn!(error = %e, "recording which tables this application reads failed; tracking stays as it is");
-    }
     match source.oldest_transaction().await {
         Ok(Some(t)) => {
             if t.age_secs >= OLD_TRANSACTION_SECS {
@@ -148,6 +143,13 @@ pub async fn run_controlled_cycle<S: Source>(
                 report.tables.push(TableOutcome::failed(t.mirror_name(), e));
             }
         }
+    }
+
+    // Every mapped table counts as read, also one that failed this cycle:
+    // only tables the map no longer names lose their tracking. After the
+    // tables were enabled, so that new ones are recorded at once.
+    if let Err(e) = source.record_readers(map.application.as_str(), &mapped).await {
+        warn!(error = %e, "recording which tables this application reads failed; tracking stays as it is");
     }
 
     let request = TableSchemaRequest {

@@ -2,6 +2,8 @@
 //! cluster that `scripts/test` starts (`CTMIRROR_TEST_PG`).
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use ctmirror::protocol::{ColumnSchema, ColumnType, TableSchema};
 use tokio_postgres::{Client, NoTls};
